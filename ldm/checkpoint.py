@@ -1,0 +1,219 @@
+"""Reading checkpoint files safely and loading them with a strict, explained key check.
+
+.ckpt files are unpickled with `torch.load(weights_only=True)`: only tensors and plain containers. Lightning
+checkpoints also pickle training objects (callbacks, loop states); those are replaced by inert placeholders that
+execute nothing, so the weights still load. Anything else that needs arbitrary code to unpickle is refused.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Globals in training checkpoints that only carry bookkeeping. They are rebuilt as inert placeholders.
+_PLACEHOLDER_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "numpy.", "_codecs.encode", "collections.")
+_MAX_PLACEHOLDERS = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message that says why and what to do."""
+
+
+class _Placeholder:
+    """Stands in for a training object in a checkpoint; accepts any construction and state, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Placeholder":
+        return self
+
+
+def _placeholder_for(name: str) -> tuple[type, str]:
+    module, _, qual = name.rpartition(".")
+    cls = type(qual or name, (_Placeholder,), {"__module__": module})
+    return cls, name
+
+
+def _offending_global(message: str) -> Optional[str]:
+    m = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", message)
+    return m.group(1) if m else None
+
+
+def _torch_load_restricted(path: Path) -> Any:
+    placeholders: list[tuple[type, str]] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(placeholders):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            name = _offending_global(str(e))
+            if name is None or not name.startswith(_PLACEHOLDER_PREFIXES) or len(placeholders) >= _MAX_PLACEHOLDERS:
+                what = f" (it references {name})" if name else ""
+                raise CheckpointError(
+                    f"refusing to load {path}: unpickling it would run code from the file{what}. Only tensors and "
+                    f"plain containers are loaded from .ckpt files. If you trust the file, convert it once with "
+                    f"`python scripts/convert_checkpoint.py --trust-pickle {path} OUT.safetensors` and use the output."
+                ) from None
+            placeholders.append(_placeholder_for(name))
+
+
+def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state_dict, metadata) of a .ckpt / .pt / .pth / .bin (torch zip or legacy pickle) or .safetensors
+    file. The state dict may be wrapped as {"state_dict": ...}; metadata holds `global_step` when present."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), {}
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint file is truncated or corrupted: {path} ({e})") from None
+    try:
+        obj = _torch_load_restricted(path)
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError, KeyError) as e:
+        raise CheckpointError(f"checkpoint file is truncated or corrupted: {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    meta = {k: obj[k] for k in ("global_step", "epoch") if k in obj and isinstance(obj[k], (int, float))}
+    state_dict = obj.get("state_dict", obj)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: 'state_dict' is not a mapping")
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors")
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Key checks
+
+_COMPONENTS = {
+    "model.diffusion_model.": "UNet",
+    "first_stage_model.": "VAE",
+    "cond_stage_model.": "text encoder",
+}
+_BENIGN_UNEXPECTED = (
+    re.compile(r".*position_ids$"),
+    re.compile(r"^first_stage_model\.loss\."),
+    re.compile(r"^model_ema\."),
+    re.compile(r"^cond_stage_model\.model\.visual\."),
+    re.compile(r"^lvlb_weights$"),
+    re.compile(r"^logvar$"),
+    re.compile(r"^cond_stage_model\.model\.logit_scale$"),
+)
+
+
+def _component(key: str) -> str:
+    for prefix, name in _COMPONENTS.items():
+        if key.startswith(prefix):
+            return name
+    return "other"
+
+
+def ema_key(key: str) -> str:
+    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
+def describe_family(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+    """Name the model family that the checkpoint's shapes identify, or None."""
+    ctx = state_dict.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    conv_in = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
+    parts = []
+    if ctx is not None:
+        width = ctx.shape[1]
+        if width == 768:
+            parts.append("Stable Diffusion v1.x (768-wide text context)")
+        elif width == 1024:
+            parts.append("Stable Diffusion 2.x (1024-wide OpenCLIP text context)")
+        elif width == 2048:
+            parts.append("Stable Diffusion XL (2048-wide context)")
+        else:
+            parts.append(f"a model with {width}-wide text context")
+    elif any(k.startswith("model.diffusion_model.label_emb") for k in state_dict) or any(k.startswith("conditioner.") for k in state_dict):
+        parts.append("Stable Diffusion XL")
+    if conv_in is not None and conv_in.shape[1] == 9:
+        parts.append("inpainting (9 input channels)")
+    if any(k.startswith("cond_stage_model.model.") for k in state_dict) and not parts:
+        parts.append("Stable Diffusion 2.x (OpenCLIP text encoder)")
+    return ", ".join(parts) if parts else None
+
+
+def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], use_ema: bool = False, source: str = "checkpoint") -> None:
+    """Load `state_dict` into `model` with a strict check on the UNet, VAE and text-encoder weights.
+
+    Benign differences are logged: extra `position_ids`, VAE `loss.*`, unused `model_ema.*`; schedule buffers
+    missing from the file are recomputed from the config. With `use_ema` and EMA keys present, the EMA weights
+    are loaded into the UNet.
+    """
+    state_dict = dict(state_dict)
+    own = model.state_dict()
+    ema_keys = [k for k in state_dict if k.startswith("model_ema.")]
+    if use_ema:
+        if len(ema_keys) > 2:
+            replaced = 0
+            for key in own:
+                if key.startswith("model.diffusion_model.") and ema_key(key) in state_dict:
+                    state_dict[key] = state_dict.pop(ema_key(key))
+                    replaced += 1
+            logger.info("loaded EMA weights into %d UNet tensors", replaced)
+        else:
+            logger.info("use_ema is set but %s holds no EMA weights; using its UNet weights", source)
+
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    # Buffers that the model computes itself (schedule, position ids) may be absent.
+    computed = {name for name, _ in model.named_buffers()}
+    hard_missing = [k for k in missing if k not in computed]
+    hard_unexpected = [k for k in unexpected if not any(p.match(k) for p in _BENIGN_UNEXPECTED) and k != "scale_factor"]
+
+    problems = []
+    if hard_missing:
+        by_part: dict[str, int] = {}
+        for k in hard_missing:
+            by_part[_component(k)] = by_part.get(_component(k), 0) + 1
+        parts = ", ".join(f"{n} {name}" for name, n in sorted(by_part.items()))
+        problems.append(f"{len(hard_missing)} weights missing ({parts}), e.g. {', '.join(hard_missing[:3])}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} weights have the wrong shape, e.g. {'; '.join(mismatched[:3])}")
+    if hard_unexpected:
+        problems.append(f"{len(hard_unexpected)} unexpected weights, e.g. {', '.join(hard_unexpected[:3])}")
+    if problems:
+        family = describe_family(state_dict)
+        hint = f" The file looks like {family}; pass the matching --config." if family else ""
+        raise CheckpointError(f"{source} does not fit the model config: {'; '.join(problems)}.{hint}")
+
+    benign = [k for k in unexpected if k not in hard_unexpected]
+    if benign:
+        logger.info("ignoring %d extra keys of %s (e.g. %s)", len(benign), source, ", ".join(benign[:3]))
+    if missing:
+        logger.info("%d buffers absent from %s are computed from the config", len(missing), source)
+    to_load = {k: v for k, v in state_dict.items() if k in own}
+    if "scale_factor" in state_dict and "scale_factor" not in own and hasattr(model, "scale_factor"):
+        model.scale_factor = float(state_dict["scale_factor"])
+    model.load_state_dict(to_load, strict=False)

@@ -1,0 +1,295 @@
+"""The Stable Diffusion UNet (`UNetModel`), inference only, with the original module names.
+
+Shapes for SD v1 at 512x512: x [B, 4, 64, 64], timesteps [B], context [B, 77, 768] -> [B, 4, 64, 64].
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.util import (
+    avg_pool_nd,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """Sequential that hands the timestep embedding to ResBlocks and the context to SpatialTransformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then an optional 3x3 conv (key `conv`)."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None, padding: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (key `op`), or average pooling without a conv."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None, padding: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("Downsample without conv cannot change the channel count")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """GroupNorm-SiLU-conv twice with the timestep embedding added in between, plus a skip connection."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: Optional[int] = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        if up or down:
+            raise ValueError("resblock_updown is not used by Stable Diffusion models and is not supported")
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *((1,) * (h.dim() - emb_out.dim())))
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+def _per_level(value: Union[int, Sequence[int]], n: int, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} must be an int or a list of {n} values, got {value}")
+    return value
+
+
+class UNetModel(nn.Module):
+    """The latent-diffusion UNet with cross-attention (SpatialTransformer) blocks.
+
+    Accepts the published yaml parameters; training-only ones (use_checkpoint, use_fp16) are accepted and do not
+    change the computation: the compute dtype is the pipeline's decision, set by casting the module.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: Union[int, Sequence[int]],
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: Optional[int] = None,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        use_bf16: bool = False,
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: Union[int, Sequence[int]] = 1,
+        context_dim: Optional[int] = None,
+        n_embed: Optional[int] = None,
+        legacy: bool = True,
+        disable_self_attentions: Optional[Sequence[bool]] = None,
+        num_attention_blocks: Optional[Sequence[int]] = None,
+        disable_middle_self_attn: bool = False,
+        use_linear_in_transformer: bool = False,
+        **ignored,
+    ):
+        super().__init__()
+        if ignored:
+            logger.debug("UNetModel ignores parameters %s", sorted(ignored))
+        if not use_spatial_transformer:
+            raise ValueError("only UNets with use_spatial_transformer: True (Stable Diffusion) are supported")
+        if context_dim is None:
+            raise ValueError("use_spatial_transformer needs context_dim")
+        if num_classes is not None or n_embed is not None:
+            raise ValueError("class-conditional and codebook UNets (num_classes, n_embed) are not supported")
+        if resblock_updown:
+            raise ValueError("resblock_updown is not supported")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("either num_heads or num_head_channels must be set")
+        if hasattr(context_dim, "__len__"):  # ListConfig from OmegaConf
+            context_dim = list(context_dim)[0]
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        levels = len(channel_mult)
+        self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
+        depths = _per_level(transformer_depth, levels, "transformer_depth")
+        self.attention_resolutions = list(attention_resolutions)
+        self.channel_mult = list(channel_mult)
+        self.context_dim = context_dim
+        self.predict_codebook_ids = False
+
+        def heads_for(ch: int) -> tuple[int, int]:
+            if num_head_channels == -1:
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            if legacy:
+                dim_head = ch // heads
+            return heads, dim_head
+
+        def attention_block(ch: int, level: int, nr: int, disable_self: bool) -> SpatialTransformer:
+            heads, dim_head = heads_for(ch)
+            return SpatialTransformer(
+                ch, heads, dim_head, depth=depths[level], dropout=dropout, context_dim=context_dim,
+                disable_self_attn=disable_self, use_linear=use_linear_in_transformer,
+            )
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        input_block_chans = [model_channels]
+        ch = model_channels
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for nr in range(self.num_res_blocks[level]):
+                layers: list[nn.Module] = [
+                    ResBlock(ch, time_embed_dim, dropout, out_channels=mult * model_channels, dims=dims, use_scale_shift_norm=use_scale_shift_norm)
+                ]
+                ch = mult * model_channels
+                if ds in self.attention_resolutions and (num_attention_blocks is None or nr < num_attention_blocks[level]):
+                    disable_self = bool(disable_self_attentions[level]) if disable_self_attentions is not None else False
+                    layers.append(attention_block(ch, level, nr, disable_self))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                input_block_chans.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims, out_channels=ch)))
+                input_block_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, time_embed_dim, dropout, dims=dims, use_scale_shift_norm=use_scale_shift_norm),
+            attention_block(ch, levels - 1, 0, disable_middle_self_attn),
+            ResBlock(ch, time_embed_dim, dropout, dims=dims, use_scale_shift_norm=use_scale_shift_norm),
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(self.num_res_blocks[level] + 1):
+                ich = input_block_chans.pop()
+                layers = [
+                    ResBlock(ch + ich, time_embed_dim, dropout, out_channels=model_channels * mult, dims=dims, use_scale_shift_norm=use_scale_shift_norm)
+                ]
+                ch = model_channels * mult
+                if ds in self.attention_resolutions and (num_attention_blocks is None or i < num_attention_blocks[level]):
+                    disable_self = bool(disable_self_attentions[level]) if disable_self_attentions is not None else False
+                    layers.append(attention_block(ch, level, i, disable_self))
+                if level and i == self.num_res_blocks[level]:
+                    layers.append(Upsample(ch, conv_resample, dims=dims, out_channels=ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, **kwargs
+    ) -> torch.Tensor:
+        """x [B, in_channels, h, w], timesteps [B] (may be fractional), context [B, M, context_dim]."""
+        dtype = self.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if context is not None:
+            context = context.to(dtype)
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)

@@ -1,0 +1,142 @@
+"""Schedule helpers and small building blocks shared by the UNet (inference only).
+
+Names follow the original `ldm.modules.diffusionmodules.util` so that third-party code importing them keeps working.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def make_beta_schedule(
+    schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3
+) -> np.ndarray:
+    """Betas of the forward process, float64 [n_timestep].
+
+    "linear" is the Stable Diffusion schedule (diffusers calls it "scaled_linear"): betas are the squares of
+    values spaced linearly between sqrt(linear_start) and sqrt(linear_end).
+    """
+    if schedule == "linear":
+        betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+    elif schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        betas = (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
+    elif schedule == "sqrt_linear":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+    elif schedule == "sqrt":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+    else:
+        raise ValueError(f"unknown beta schedule {schedule!r}; expected linear, cosine, sqrt_linear or sqrt")
+    return betas.numpy()
+
+
+def make_ddim_timesteps(
+    ddim_discr_method: Literal["uniform", "quad"], num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool = False
+) -> np.ndarray:
+    """The CompVis DDIM/PLMS grid of DDPM timesteps, ascending.
+
+    "uniform" is `range(0, T, T // S) + 1`, so its length can exceed S (S = 30 gives 31 steps), exactly as the
+    original. The original can also produce timestep T (out of range) when (T - 1) is divisible by the stride
+    (S = 27, 110 or above T / 2); we clamp that last step to T - 1 and drop a duplicate, which is what the sampler
+    must do to run at all.
+    """
+    if num_ddim_timesteps < 1:
+        raise ValueError(f"number of sampling steps must be positive, got {num_ddim_timesteps}")
+    if ddim_discr_method == "uniform":
+        c = max(num_ddpm_timesteps // num_ddim_timesteps, 1)
+        steps = np.asarray(list(range(0, num_ddpm_timesteps, c))) + 1
+    elif ddim_discr_method == "quad":
+        steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int) + 1
+    else:
+        raise ValueError(f"unknown DDIM discretization {ddim_discr_method!r}; expected uniform or quad")
+    steps = np.minimum(steps, num_ddpm_timesteps - 1)
+    return np.unique(steps)
+
+
+def make_ddim_sampling_parameters(
+    alphacums: np.ndarray, ddim_timesteps: np.ndarray, eta: float, verbose: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sigmas, alphas, alphas_prev) of the DDIM update at the given timesteps; the first "prev" is alphacums[0]."""
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return sigmas, alphas, alphas_prev
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+    """a[t] reshaped to broadcast against a tensor of shape x_shape: [B, 1, 1, ...]."""
+    out = a.gather(-1, t)
+    return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def noise_like(shape: tuple[int, ...], device: torch.device, repeat: bool = False) -> torch.Tensor:
+    if repeat:
+        return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
+    return torch.randn(shape, device=device)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps [B]; the cosine half comes first.
+
+    Computed in float32 whatever the model's dtype: t * freq reaches 1000 and fp16 would lose the phase.
+    """
+    if repeat_only:
+        return timesteps[:, None].float().expand(-1, dim)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32: half-precision variance over large groups under- and overflows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return nn.functional.group_norm(
+            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        ).to(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    if dims == 1:
+        return nn.AvgPool1d(*args, **kwargs)
+    if dims == 2:
+        return nn.AvgPool2d(*args, **kwargs)
+    if dims == 3:
+        return nn.AvgPool3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def linear(*args, **kwargs) -> nn.Module:
+    return nn.Linear(*args, **kwargs)

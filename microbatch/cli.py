@@ -1,0 +1,359 @@
+"""Shared command-line flags and the run loop of txt2img, img2img and batch_gen.
+
+Each script builds its parser with `build_parser`, then calls `run(args, mode)`. Flags keep the original CompVis
+names and meanings; new ones are documented in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from ldm.checkpoint import CheckpointError
+from ldm.modules.attention_backends import BACKENDS, resolve_backend
+from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
+from microbatch.engine import Engine, FinishedImage, ImageJob, SamplingSettings
+from microbatch.images import load_init_image, next_number, save_grid, save_png_atomic, to_uint8
+from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
+from microbatch.metrics import RunMetrics
+from samplers import SAMPLERS, SCHEDULES, get_sampler
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["txt2img", "img2img", "batch_gen"]
+
+DEFAULTS = {
+    "txt2img": dict(outdir="outputs/txt2img-samples", n_iter=2, n_samples=3, scale=7.5),
+    "img2img": dict(outdir="outputs/img2img-samples", n_iter=1, n_samples=2, scale=5.0),
+    "batch_gen": dict(outdir="outputs/batch_gen-samples", n_iter=1, n_samples=9, scale=7.5),
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+def build_parser(mode: Mode, description: str) -> argparse.ArgumentParser:
+    d = DEFAULTS[mode]
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar", help="the prompt to render")
+    p.add_argument("--negative_prompt", type=str, default="", help="replaces the empty prompt of classifier-free guidance")
+    p.add_argument("--outdir", type=str, nargs="?", default=d["outdir"], help="dir to write results to")
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    p.add_argument("--skip_save", action="store_true", help="do not save individual samples (for speed measurements)")
+    p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
+    p.add_argument("--sampler", type=str, default=None, help="sampler name: " + ", ".join(SAMPLERS) + " (default ddim)")
+    p.add_argument("--schedule", type=str, default=None, choices=sorted(SCHEDULES), help="noise schedule (default: the sampler's own; uniform for ddim and plms)")
+    p.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
+    p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0, help="eta of DDIM / ancestral samplers (0: deterministic)")
+    p.add_argument("--n_iter", type=int, default=d["n_iter"], help="sample this often")
+    if mode != "img2img":
+        p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
+        p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--C", type=int, default=4, help="latent channels")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor")
+    p.add_argument("--n_samples", type=int, default=d["n_samples"], help="how many samples to produce for each given prompt (the batch size)")
+    p.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
+    p.add_argument("--scale", type=float, default=d["scale"], help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument("--from-file", dest="from_file", type=str, help="read prompts from this file, one per line ('prompt || negative' gives a line its own negative prompt)")
+    p.add_argument("--config", type=str, default=None, help="model yaml (default: the yaml beside the checkpoint, else inferred from the checkpoint)")
+    p.add_argument("--ckpt", type=str, default=None, help=f"checkpoint (.ckpt or .safetensors); default {DEFAULT_CKPT}, else the embedded demo model")
+    p.add_argument("--seed", type=int, default=42, help="seed of image 0; image i uses seed + i")
+    p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast", help="autocast: half precision where it is safe and fast; full: float32")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--max_batch_size", type=int, default=None, help="most images per UNet micro-batch (default: n_samples)")
+    p.add_argument("--split_guidance", action="store_true", help="run the unconditional and conditional halves of guidance as separate UNet calls")
+    p.add_argument("--attention", type=str, default="auto", choices=list(BACKENDS), help="attention kernel")
+    p.add_argument("--attention_slicing", type=str, default=None, help="auto, max or N: compute attention in slices (implies --attention sliced)")
+    p.add_argument("--use_ema", action="store_true", help="use the EMA weights of a full checkpoint")
+    p.add_argument("--metrics_json", type=str, default=None, help="also write the run's metrics and settings as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
+    if mode == "img2img":
+        p.add_argument("--init-img", dest="init_img", type=str, help="path to the input image")
+        p.add_argument("--strength", type=float, default=0.75, help="fraction of the schedule re-run from the noised input: 1.0 ignores the input")
+    return p
+
+
+@dataclass
+class Plan:
+    jobs: list[ImageJob]
+    settings: SamplingSettings
+    n_rows: int
+
+
+def read_prompt_file(path: str) -> list[tuple[str, Optional[str]]]:
+    """(prompt, negative or None) per non-blank, non-comment line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"prompt file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"prompt file {path} cannot be read as UTF-8 text ({e})") from None
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        prompt, sep, negative = line.partition("||")
+        entries.append((prompt.strip(), negative.strip() if sep else None))
+    if not entries:
+        raise UsageError(f"prompt file {path} has no prompts (only blank or # comment lines)")
+    return entries
+
+
+def check_args(args: argparse.Namespace, mode: Mode) -> None:
+    """Checks that need no model: each failure is one line that names the value and the fix."""
+    for name in ("n_samples", "n_iter", "ddim_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise UsageError(f"--max_batch_size must be a positive integer, got {args.max_batch_size}")
+    if args.n_rows < 0:
+        raise UsageError(f"--n_rows must be 0 (= n_samples) or positive, got {args.n_rows}")
+    if args.C < 1 or args.f < 1:
+        raise UsageError(f"--C and --f must be positive, got {args.C} and {args.f}")
+    if args.plms and args.sampler not in (None, "plms"):
+        raise UsageError(f"--plms conflicts with --sampler {args.sampler}; give one of them")
+    args.sampler = "plms" if args.plms else (args.sampler or "ddim")
+    try:
+        info = get_sampler(args.sampler)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.ddim_eta < 0:
+        raise UsageError(f"--ddim_eta must be >= 0, got {args.ddim_eta}")
+    if args.ddim_eta != 0 and not info.uses_eta:
+        raise UsageError(f"sampler {args.sampler} is deterministic: --ddim_eta must be 0, got {args.ddim_eta}")
+    if mode == "img2img":
+        if not args.init_img:
+            raise UsageError("img2img needs --init-img PATH")
+        if not Path(args.init_img).is_file():
+            raise UsageError(f"init image not found: {args.init_img}")
+        if not 0.0 < args.strength <= 1.0:
+            raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    else:
+        for name in ("H", "W"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be positive, got {value}")
+    if args.ckpt is not None and not Path(args.ckpt).is_file():
+        raise UsageError(f"checkpoint not found: {args.ckpt}")
+    if args.config is not None and not Path(args.config).is_file():
+        raise UsageError(f"config not found: {args.config}")
+    if args.attention_slicing is not None:
+        try:
+            resolve_backend(args.attention, args.attention_slicing)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.from_file:
+        args.prompts = read_prompt_file(args.from_file)
+    else:
+        if args.prompt is None:
+            raise UsageError("give --prompt TEXT or --from-file PATH")
+        args.prompts = None
+    outdir = Path(args.outdir)
+    try:
+        (outdir / "samples").mkdir(parents=True, exist_ok=True)
+        probe = outdir / "samples" / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output folder {outdir} cannot be written ({e.strerror or e})") from None
+
+
+def round_size(value: int, multiple: int, name: str) -> int:
+    rounded = max(multiple, value - value % multiple)
+    if rounded != value:
+        print(f"note: --{name} {value} is not a multiple of {multiple}; using {rounded}")
+    return rounded
+
+
+def make_plan(args: argparse.Namespace, mode: Mode, height: int, width: int) -> Plan:
+    """The run's images: n_iter passes over the prompt batches; image i uses seed + i (with --fixed_code, image j of
+    every batch reuses seed + j). Without a file, each batch is n_samples copies of --prompt; with one, each line is
+    one image per pass and batches hold n_samples consecutive lines."""
+    if args.prompts is None:
+        batches = [[(args.prompt, None)] * args.n_samples]
+    else:
+        entries = args.prompts
+        batches = [entries[i : i + args.n_samples] for i in range(0, len(entries), args.n_samples)]
+    jobs: list[ImageJob] = []
+    for _ in range(args.n_iter):
+        for batch in batches:
+            for j, (prompt, negative) in enumerate(batch):
+                index = len(jobs)
+                seed = args.seed + (j if args.fixed_code else index)
+                jobs.append(ImageJob(index, prompt, seed, args.negative_prompt if negative is None else negative))
+    settings = SamplingSettings(
+        sampler=args.sampler,
+        steps=args.ddim_steps,
+        schedule=args.schedule,
+        eta=args.ddim_eta,
+        guidance_scale=args.scale,
+        height=height,
+        width=width,
+        channels=args.C,
+        factor=args.f,
+        max_batch_size=args.max_batch_size or args.n_samples,
+        split_guidance=args.split_guidance,
+        strength=getattr(args, "strength", None),
+    )
+    return Plan(jobs, settings, args.n_rows or args.n_samples)
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> tuple[Optional[Path], bool]:
+    if args.ckpt is not None:
+        return Path(args.ckpt), False
+    if DEFAULT_CKPT.is_file():
+        return DEFAULT_CKPT, False
+    demo = demo_checkpoint()
+    if demo is not None:
+        print(
+            f"No checkpoint at {DEFAULT_CKPT} and no --ckpt given: using the embedded demo model (64x64 shapes). "
+            f"For Stable Diffusion, pass --ckpt path/to/sd-v1-x.ckpt (or .safetensors)."
+        )
+        return demo, True
+    raise UsageError(f"no checkpoint: pass --ckpt path/to/model.ckpt (.ckpt or .safetensors), or place one at {DEFAULT_CKPT}")
+
+
+def png_parameters(job: ImageJob, settings: SamplingSettings, loaded: LoadedModel) -> str:
+    """Generation parameters in the text format the popular web UIs write under the PNG key `parameters`."""
+    fields = [
+        f"Steps: {settings.steps}",
+        f"Sampler: {settings.sampler}",
+        f"Schedule: {settings.schedule_name()}",
+        f"CFG scale: {settings.guidance_scale:g}",
+        f"Seed: {job.seed}",
+        f"Size: {settings.width}x{settings.height}",
+        f"Model hash: {loaded.model_hash}",
+        f"Eta: {settings.eta:g}",
+    ]
+    if settings.strength is not None:
+        fields.append(f"Denoising strength: {settings.strength:g}")
+    lines = [job.prompt]
+    if job.negative_prompt:
+        lines.append(f"Negative prompt: {job.negative_prompt}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, mode: Mode) -> int:
+    check_args(args, mode)
+    device = parse_device(args.device)
+    dtypes = choose_dtypes(args.precision, device)
+    attention = resolve_backend(args.attention, args.attention_slicing, device)
+    ckpt, is_demo = resolve_checkpoint(args)
+    loaded = load_model(ckpt, Path(args.config) if args.config else None, device, dtypes, attention, use_ema=True if args.use_ema else None, is_demo=is_demo)
+    model = loaded.model
+    logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
+    multiple = loaded.size_multiple
+    if args.f != 2 ** (model.first_stage_model.encoder.num_resolutions - 1) or args.C != model.channels:
+        raise UsageError(f"--C {args.C} / --f {args.f} do not match the model (C={model.channels}, f={2 ** (model.first_stage_model.encoder.num_resolutions - 1)})")
+
+    engine = Engine(model, device)
+    native = model.image_size * args.f
+    if mode == "img2img":
+        init, (w0, h0), (width, height) = load_init_image(Path(args.init_img), multiple)
+        if (w0, h0) != (width, height):
+            print(f"note: init image {w0}x{h0} resized to {width}x{height} (a multiple of {multiple})")
+        with torch.no_grad():
+            engine.init_posterior = model.encode_first_stage(init.to(device))
+    else:
+        height = round_size(args.H or native, multiple, "H")
+        width = round_size(args.W or native, multiple, "W")
+    plan = make_plan(args, mode, height, width)
+
+    outdir = Path(args.outdir)
+    sample_path = outdir / "samples"
+    metrics = RunMetrics(device=str(device), model_load_s=loaded.load_seconds)
+    metrics.settings = {
+        "mode": mode, "sampler": plan.settings.sampler, "schedule": plan.settings.schedule_name(), "steps": plan.settings.steps,
+        "eta": plan.settings.eta, "scale": plan.settings.guidance_scale, "height": height, "width": width,
+        "n_samples": args.n_samples, "n_iter": args.n_iter, "images": len(plan.jobs), "max_batch_size": plan.settings.max_batch_size,
+        "precision": args.precision, "dtypes": dtypes.describe(), "attention": repr(attention), "seed": args.seed,
+        "checkpoint": str(ckpt) if ckpt else None, "config": str(loaded.config_path),
+    }
+    grid_images = []
+    next_free = next_number(sample_path)
+    progress = _Progress(len(plan.jobs), quiet=args.quiet)
+    engine.step_callback = progress.step
+
+    def on_batch(batch: list[FinishedImage]) -> None:
+        nonlocal next_free
+        for done in batch:
+            array = to_uint8(done.image)
+            if not args.skip_save:
+                text = {"parameters": png_parameters(done.job, plan.settings, loaded)}
+                path = save_png_atomic(array, sample_path, next_free, text=text)
+                next_free = int(path.stem) + 1
+            if not args.skip_grid:
+                grid_images.append(array)
+            progress.image_done()
+        metrics.batch_done(len(batch))
+
+    reset_peak_memory(device)
+    metrics.start()
+    metrics.final_max_batch_size = engine.run(plan.jobs, plan.settings, on_batch)
+    progress.close()
+    if not args.skip_grid and grid_images:
+        save_grid(grid_images, outdir, plan.n_rows)
+    metrics.finish(device)
+    print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
+    print(metrics.report())
+    if args.metrics_json:
+        metrics.write_json(Path(args.metrics_json))
+    return 0
+
+
+class _Progress:
+    """tqdm bars: images over the whole run, steps of the current micro-batch."""
+
+    def __init__(self, total_images: int, quiet: bool):
+        self.quiet = quiet
+        self.images = None
+        self.steps = None
+        self._batch = -1
+        if not quiet:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self.images = tqdm(total=total_images, desc="images", unit="img", position=0)
+
+    def step(self, batch_index: int, info: dict) -> None:
+        if self.quiet:
+            return
+        if self.steps is None or info["i"] == 0:
+            if self.steps is not None:
+                self.steps.close()
+            self.steps = self._tqdm(desc="steps", unit="step", position=1, leave=False)
+        self.steps.update(1)
+
+    def image_done(self) -> None:
+        if self.images is not None:
+            self.images.update(1)
+
+    def close(self) -> None:
+        for bar in (self.steps, self.images):
+            if bar is not None:
+                bar.close()
+
+
+def main_for(mode: Mode, description: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, run, and turn expected failures into one line on stderr and a non-zero exit code."""
+    parser = build_parser(mode, description)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return run(args, mode)
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2

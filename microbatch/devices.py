@@ -1,0 +1,111 @@
+"""Device and precision choices, and peak-memory measurement."""
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["autocast", "full"]
+
+
+def best_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def parse_device(name: Optional[str]) -> torch.device:
+    """'auto' / None -> the best available; otherwise a torch device string that must be usable here."""
+    if name in (None, "", "auto"):
+        return best_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: Apple MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Compute dtype per component. Latents and sampler arithmetic always stay float32."""
+
+    unet: torch.dtype
+    text: torch.dtype
+    vae: torch.dtype
+
+    def describe(self) -> str:
+        name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+        return f"UNet {name(self.unet)}, text encoder {name(self.text)}, VAE {name(self.vae)}"
+
+
+def choose_dtypes(precision: Precision, device: torch.device) -> Dtypes:
+    """`full` is float32 everywhere. `autocast` (the original's default) stores and runs the UNet and text encoder
+    in float16 on CUDA / MPS and in bfloat16 on CPUs with native bf16 (float32 on other CPUs); the VAE runs in
+    float16 on GPUs (with a float32 fallback on overflow) and float32 on the CPU."""
+    if precision not in ("autocast", "full"):
+        raise ValueError(f"--precision must be autocast or full, got {precision!r}")
+    if precision == "full":
+        return Dtypes(torch.float32, torch.float32, torch.float32)
+    if device.type in ("cuda", "mps"):
+        return Dtypes(torch.float16, torch.float16, torch.float16)
+    half = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return Dtypes(half, half, torch.float32)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak MB, what was measured): torch.cuda.max_memory_allocated on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20, "MPS driver memory (current)"
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    return (rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20), "resident memory (RSS)"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()

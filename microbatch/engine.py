@@ -1,0 +1,240 @@
+"""The micro-batched denoising loop.
+
+A run is a list of `ImageJob`s (one per output image, each with its own seed). Jobs go through the UNet in
+micro-batches of at most `max_batch_size` images; each micro-batch is decoded and handed to `on_image` as soon as
+it is finished, so the first image arrives after one micro-batch and peak memory depends on the micro-batch size,
+not on the number of images.
+
+Randomness: image i draws everything (start noise, the VAE posterior sample for img2img, the noise of stochastic
+samplers) from its own CPU `torch.Generator` seeded with its seed, in a fixed order, then moves it to the device.
+So an image depends only on its seed and settings, never on batching or device-side RNG.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from microbatch.devices import empty_cache, is_out_of_memory
+from samplers import Denoiser, GuidedModel, get_sampler, get_sigmas, to_vp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageJob:
+    """One output image: its index in the run (0-based), prompt, negative prompt and seed."""
+
+    index: int
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+
+
+@dataclass
+class SamplingSettings:
+    """What every image of a run shares.
+
+    height/width are pixels; the latent is [channels, height // factor, width // factor]. `strength` (img2img)
+    is the fraction of the schedule that is re-run from the noised init latent. `max_batch_size` counts images;
+    with guidance each UNet call holds 2 x max_batch_size rows unless `split_guidance` is set.
+    """
+
+    sampler: str = "ddim"
+    steps: int = 50
+    schedule: Optional[str] = None
+    eta: float = 0.0
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    channels: int = 4
+    factor: int = 8
+    max_batch_size: int = 1
+    split_guidance: bool = False
+    strength: Optional[float] = None
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height // self.factor, self.width // self.factor)
+
+    def schedule_name(self) -> str:
+        return self.schedule or get_sampler(self.sampler).default_schedule
+
+
+@dataclass
+class FinishedImage:
+    job: ImageJob
+    image: torch.Tensor  # [3, H, W] float in [0, 1], on the CPU
+    latent: torch.Tensor  # [C, h, w] float32, on the CPU
+
+
+class Interrupted(Exception):
+    """Raised from a step callback to stop a run after the current step."""
+
+
+class PerImageNoise:
+    """noise(like) -> standard normal [B, ...] where row b comes from generator b (CPU, float32), then moved."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        if like.shape[0] != len(self.generators):
+            raise AssertionError("noise batch does not match the number of generators")
+        rows = [torch.randn(tuple(like.shape[1:]), generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+
+
+def _make_generators(jobs: Sequence[ImageJob]) -> list[torch.Generator]:
+    return [torch.Generator(device="cpu").manual_seed(int(job.seed)) for job in jobs]
+
+
+@dataclass
+class Engine:
+    """Runs jobs through a loaded LatentDiffusion model.
+
+    Args:
+        model: the model, already on `device` with its components in their compute dtypes.
+        device: where the UNet runs.
+        init_posterior: img2img only: the VAE posterior of the init image (batch 1).
+        step_callback: called after every sampler step with (micro-batch index, step info); may raise Interrupted.
+        vae_fallback: decode in float32 when a half-precision decode gives non-finite values.
+    """
+
+    model: Any
+    device: torch.device
+    init_posterior: Optional[DiagonalGaussianDistribution] = None
+    step_callback: Optional[Callable[[int, dict], None]] = None
+    vae_fallback: bool = True
+    _cond_cache: dict = field(default_factory=dict)
+    _warned_vae: bool = False
+
+    # -- conditioning --
+    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings [B, 77, D] for prompts, each distinct prompt encoded once per run."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            with torch.no_grad():
+                emb = self.model.get_learned_conditioning(list(missing))
+            for p, e in zip(missing, emb):
+                self._cond_cache[p] = e
+        return torch.stack([self._cond_cache[p] for p in prompts])
+
+    # -- decoding --
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1], decoded one image at a time (VAE slicing)."""
+        images = []
+        for i in range(latents.shape[0]):
+            images.append(self._decode_one(latents[i : i + 1]))
+        return torch.cat(images)
+
+    def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.model.decode_first_stage(z)
+            if self.vae_fallback and x.dtype != torch.float32 and not torch.isfinite(x).all():
+                if not self._warned_vae:
+                    logger.warning("half-precision VAE decode overflowed (NaN/inf); decoding in float32 from now on")
+                    self._warned_vae = True
+                self.model.first_stage_model.float()
+                x = self.model.decode_first_stage(z.float())
+        return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0).cpu()
+
+    # -- sampling --
+    def sample_batch(self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_index: int = 0) -> torch.Tensor:
+        """Latents [B, C, h, w] (float32, VP scaling, on the device) for one micro-batch."""
+        info = get_sampler(settings.sampler)
+        generators = _make_generators(jobs)
+        noise = PerImageNoise(generators)
+        shape = (len(jobs), *settings.latent_shape)
+        like = torch.empty(shape, dtype=torch.float32, device=self.device)
+
+        init_latent = None
+        if self.init_posterior is not None:
+            # The posterior sample is the first draw of each image's generator.
+            post_noise = noise(torch.empty((len(jobs), *self.init_posterior.mean.shape[1:]), device=self.device))
+            mean = self.init_posterior.mean.expand(len(jobs), *self.init_posterior.mean.shape[1:])
+            std = self.init_posterior.std.expand_as(mean)
+            init_latent = self.model.scale_factor * (mean.float() + std.float() * post_noise)
+            if tuple(init_latent.shape[1:]) != settings.latent_shape:
+                raise AssertionError(f"init latent {tuple(init_latent.shape)} does not match {settings.latent_shape}")
+        start_noise = noise(like)
+
+        cond = self.conditioning([j.prompt for j in jobs])
+        uncond = self.conditioning([j.negative_prompt for j in jobs]) if settings.guidance_scale != 1.0 else None
+        guided = GuidedModel(self.model.apply_model, cond, uncond, settings.guidance_scale, split=settings.split_guidance)
+        denoiser = Denoiser(guided, self.model.alphas_cumprod, self.model.parameterization)
+        sigmas = get_sigmas(settings.schedule_name(), denoiser, settings.steps)
+
+        if init_latent is None:
+            x = start_noise * math.sqrt(float(sigmas[0]) ** 2 + 1.0)
+        else:
+            sigmas, x = img2img_start(sigmas, init_latent, start_noise, settings.strength)
+            if len(sigmas) < 2:
+                return init_latent
+
+        def callback(step: dict) -> None:
+            if self.step_callback is not None:
+                self.step_callback(batch_index, step)
+
+        with torch.no_grad():
+            x = info.fn(denoiser, x, sigmas, eta=settings.eta, noise=noise, callback=callback)
+        return to_vp(x, float(sigmas[-1]))
+
+    def run(
+        self,
+        jobs: Sequence[ImageJob],
+        settings: SamplingSettings,
+        on_batch: Callable[[list[FinishedImage]], None],
+        on_batch_size_change: Optional[Callable[[int, int], None]] = None,
+    ) -> int:
+        """Generate every job in micro-batches, calling on_batch with each finished micro-batch, in job order.
+
+        An out-of-memory error halves the micro-batch size for the rest of the run and retries the same jobs
+        (their generators are re-seeded, so the result is unchanged). Returns the final micro-batch size.
+        """
+        batch_size = max(1, int(settings.max_batch_size))
+        pos = 0
+        batch_index = 0
+        while pos < len(jobs):
+            batch = list(jobs[pos : pos + batch_size])
+            try:
+                latents = self.sample_batch(batch, settings, batch_index)
+                images = self.decode(latents)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                if not is_out_of_memory(e) or batch_size == 1:
+                    raise
+                empty_cache(self.device)
+                new_size = max(1, batch_size // 2)
+                logger.warning("out of memory with %d images per micro-batch; retrying with %d", batch_size, new_size)
+                if on_batch_size_change is not None:
+                    on_batch_size_change(batch_size, new_size)
+                batch_size = new_size
+                continue
+            on_batch([FinishedImage(job, image, latent.float().cpu()) for job, image, latent in zip(batch, images, latents)])
+            pos += len(batch)
+            batch_index += 1
+        return batch_size
+
+
+def img2img_start(sigmas: torch.Tensor, init_latent: torch.Tensor, noise: torch.Tensor, strength: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate a schedule for img2img and noise the init latent to its first level.
+
+    strength in (0, 1] is the fraction of the schedule's steps that is re-run: int(strength * steps) steps (the
+    original's t_enc). The init latent is noised to exactly the level where those steps start, x = x0 + sigma * z.
+    At strength 1 the start is pure noise, so img2img equals txt2img from the same noise.
+    """
+    if strength is None or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    n = len(sigmas) - 1
+    t_enc = int(strength * n)
+    sub = sigmas[n - t_enc :]
+    if t_enc == 0:
+        return sub, init_latent
+    sigma0 = float(sub[0])
+    if t_enc == n:
+        return sub, noise * math.sqrt(sigma0**2 + 1.0)
+    return sub, init_latent + sigma0 * noise

@@ -1,0 +1,16 @@
+"""Image to image: python scripts/img2img.py --prompt "A cat with a hat" --init-img in.png --strength 0.8"""
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+
+from microbatch.cli import main_for  # noqa: E402
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return main_for("img2img", "Generate images from an init image and a text prompt.", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
