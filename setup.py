@@ -17,6 +17,7 @@ setup(
         "samplers",
         "microbatch",
         "microbatch.configs",
+        "microbatch.demo",
     ],
     # The yaml configs live in the top-level configs/ folder (the original layout); they are also
     # installed as package data so that a non-editable install finds them.

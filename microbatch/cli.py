@@ -11,7 +11,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
@@ -244,41 +244,64 @@ def png_parameters(job: ImageJob, settings: SamplingSettings, loaded: LoadedMode
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, mode: Mode) -> int:
+@dataclass
+class Session:
+    """What a script has after checking its arguments and loading the model."""
+
+    args: argparse.Namespace
+    mode: str
+    device: torch.device
+    loaded: LoadedModel
+    attention: Any
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+
+def prepare(args: argparse.Namespace, mode: Mode) -> Session:
+    """Check the arguments (before any loading), then choose device, precision and attention, and load the model."""
     check_args(args, mode)
     device = parse_device(args.device)
     dtypes = choose_dtypes(args.precision, device)
     attention = resolve_backend(args.attention, args.attention_slicing, device)
     ckpt, is_demo = resolve_checkpoint(args)
-    loaded = load_model(ckpt, Path(args.config) if args.config else None, device, dtypes, attention, use_ema=True if args.use_ema else None, is_demo=is_demo)
+    loaded = load_model(
+        ckpt, Path(args.config) if args.config else None, device, dtypes, attention,
+        use_ema=True if args.use_ema else None, is_demo=is_demo,
+    )
     model = loaded.model
     logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
-    multiple = loaded.size_multiple
-    if args.f != 2 ** (model.first_stage_model.encoder.num_resolutions - 1) or args.C != model.channels:
-        raise UsageError(f"--C {args.C} / --f {args.f} do not match the model (C={model.channels}, f={2 ** (model.first_stage_model.encoder.num_resolutions - 1)})")
+    vae_factor = 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
+    if args.f != vae_factor or args.C != model.channels:
+        raise UsageError(f"--C {args.C} / --f {args.f} do not match the model (C={model.channels}, f={vae_factor})")
+    return Session(args, mode, device, loaded, attention)
 
-    engine = Engine(model, device)
-    native = model.image_size * args.f
-    if mode == "img2img":
-        init, (w0, h0), (width, height) = load_init_image(Path(args.init_img), multiple)
-        if (w0, h0) != (width, height):
-            print(f"note: init image {w0}x{h0} resized to {width}x{height} (a multiple of {multiple})")
-        with torch.no_grad():
-            engine.init_posterior = model.encode_first_stage(init.to(device))
-    else:
-        height = round_size(args.H or native, multiple, "H")
-        width = round_size(args.W or native, multiple, "W")
-    plan = make_plan(args, mode, height, width)
 
+def encode_init_image(session: Session, engine: Engine, path: str) -> tuple[int, int]:
+    """Load, resize and VAE-encode an init image into engine.init_posterior; returns (height, width)."""
+    multiple = session.loaded.size_multiple
+    init, (w0, h0), (width, height) = load_init_image(Path(path), multiple)
+    if (w0, h0) != (width, height):
+        print(f"note: init image {w0}x{h0} resized to {width}x{height} (a multiple of {multiple})")
+    with torch.no_grad():
+        engine.init_posterior = session.model.encode_first_stage(init.to(session.device))
+    return height, width
+
+
+def execute(session: Session, engine: Engine, plan: Plan) -> int:
+    """Run the plan through the engine, saving every micro-batch as soon as it is done; print the metrics."""
+    args, device, loaded = session.args, session.device, session.loaded
     outdir = Path(args.outdir)
     sample_path = outdir / "samples"
+    settings = plan.settings
     metrics = RunMetrics(device=str(device), model_load_s=loaded.load_seconds)
     metrics.settings = {
-        "mode": mode, "sampler": plan.settings.sampler, "schedule": plan.settings.schedule_name(), "steps": plan.settings.steps,
-        "eta": plan.settings.eta, "scale": plan.settings.guidance_scale, "height": height, "width": width,
-        "n_samples": args.n_samples, "n_iter": args.n_iter, "images": len(plan.jobs), "max_batch_size": plan.settings.max_batch_size,
-        "precision": args.precision, "dtypes": dtypes.describe(), "attention": repr(attention), "seed": args.seed,
-        "checkpoint": str(ckpt) if ckpt else None, "config": str(loaded.config_path),
+        "mode": session.mode, "sampler": settings.sampler, "schedule": settings.schedule_name(), "steps": settings.steps,
+        "eta": settings.eta, "scale": settings.guidance_scale, "height": settings.height, "width": settings.width,
+        "n_samples": args.n_samples, "n_iter": args.n_iter, "images": len(plan.jobs), "max_batch_size": settings.max_batch_size,
+        "precision": args.precision, "dtypes": loaded.dtypes.describe(), "attention": repr(session.attention), "seed": args.seed,
+        "checkpoint": str(loaded.ckpt) if loaded.ckpt else None, "config": str(loaded.config_path),
     }
     grid_images = []
     next_free = next_number(sample_path)
@@ -290,7 +313,7 @@ def run(args: argparse.Namespace, mode: Mode) -> int:
         for done in batch:
             array = to_uint8(done.image)
             if not args.skip_save:
-                text = {"parameters": png_parameters(done.job, plan.settings, loaded)}
+                text = {"parameters": png_parameters(done.job, settings, loaded)}
                 path = save_png_atomic(array, sample_path, next_free, text=text)
                 next_free = int(path.stem) + 1
             if not args.skip_grid:
@@ -300,7 +323,7 @@ def run(args: argparse.Namespace, mode: Mode) -> int:
 
     reset_peak_memory(device)
     metrics.start()
-    metrics.final_max_batch_size = engine.run(plan.jobs, plan.settings, on_batch)
+    metrics.final_max_batch_size = engine.run(plan.jobs, settings, on_batch)
     progress.close()
     if not args.skip_grid and grid_images:
         save_grid(grid_images, outdir, plan.n_rows)
@@ -310,6 +333,19 @@ def run(args: argparse.Namespace, mode: Mode) -> int:
     if args.metrics_json:
         metrics.write_json(Path(args.metrics_json))
     return 0
+
+
+def run(args: argparse.Namespace, mode: Mode) -> int:
+    session = prepare(args, mode)
+    engine = Engine(session.model, session.device)
+    if mode == "img2img":
+        height, width = encode_init_image(session, engine, args.init_img)
+    else:
+        native = session.model.image_size * args.f
+        multiple = session.loaded.size_multiple
+        height = round_size(args.H or native, multiple, "H")
+        width = round_size(args.W or native, multiple, "W")
+    return execute(session, engine, make_plan(args, mode, height, width))
 
 
 class _Progress:

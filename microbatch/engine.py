@@ -110,6 +110,10 @@ class Engine:
     init_posterior: Optional[DiagonalGaussianDistribution] = None
     step_callback: Optional[Callable[[int, dict], None]] = None
     vae_fallback: bool = True
+    # Hybrid (inpainting) models: extra UNet input channels [1, k, h, w] shared by cond and uncond (c_concat).
+    concat_latents: Optional[torch.Tensor] = None
+    # Latent blending for inpainting with an ordinary model: keep_mask [1, 1, h, w] (1 = keep the init latent).
+    keep_mask: Optional[torch.Tensor] = None
     _cond_cache: dict = field(default_factory=dict)
     _warned_vae: bool = False
 
@@ -165,8 +169,16 @@ class Engine:
 
         cond = self.conditioning([j.prompt for j in jobs])
         uncond = self.conditioning([j.negative_prompt for j in jobs]) if settings.guidance_scale != 1.0 else None
+        if self.concat_latents is not None:
+            concat = [self.concat_latents.expand(len(jobs), *self.concat_latents.shape[1:]).to(self.device)]
+            cond = {"c_concat": concat, "c_crossattn": [cond]}
+            uncond = None if uncond is None else {"c_concat": concat, "c_crossattn": [uncond]}
         guided = GuidedModel(self.model.apply_model, cond, uncond, settings.guidance_scale, split=settings.split_guidance)
         denoiser = Denoiser(guided, self.model.alphas_cumprod, self.model.parameterization)
+        if self.keep_mask is not None:
+            if init_latent is None:
+                raise ValueError("latent blending needs an init image")
+            denoiser = BlendedDenoiser(denoiser, init_latent, self.keep_mask.to(self.device))
         sigmas = get_sigmas(settings.schedule_name(), denoiser, settings.steps)
 
         if init_latent is None:
@@ -182,7 +194,10 @@ class Engine:
 
         with torch.no_grad():
             x = info.fn(denoiser, x, sigmas, eta=settings.eta, noise=noise, callback=callback)
-        return to_vp(x, float(sigmas[-1]))
+        x = to_vp(x, float(sigmas[-1]))
+        if self.keep_mask is not None:
+            x = self.keep_mask * init_latent + (1 - self.keep_mask) * x
+        return x
 
     def run(
         self,
@@ -218,6 +233,23 @@ class Engine:
             pos += len(batch)
             batch_index += 1
         return batch_size
+
+
+class BlendedDenoiser:
+    """Inpainting with an ordinary model: the known region of every denoised estimate is replaced by the init
+    latent, D' = keep * x0_init + (1 - keep) * D, so the sampler only invents the masked region."""
+
+    def __init__(self, denoiser: Denoiser, init_latent: torch.Tensor, keep_mask: torch.Tensor):
+        self.denoiser = denoiser
+        self.init_latent = init_latent
+        self.keep_mask = keep_mask
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        denoised = self.denoiser(x, sigma)
+        return self.keep_mask * self.init_latent + (1 - self.keep_mask) * denoised
+
+    def __getattr__(self, name: str):
+        return getattr(self.denoiser, name)
 
 
 def img2img_start(sigmas: torch.Tensor, init_latent: torch.Tensor, noise: torch.Tensor, strength: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:

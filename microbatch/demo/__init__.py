@@ -1,0 +1,2 @@
+"""A tiny text-to-image demo: procedural shapes data (`shapes`) and a deterministic judge of prompt adherence
+(`analyze`)."""
