@@ -34,8 +34,25 @@ class AbstractEncoder(nn.Module):
         raise NotImplementedError
 
 
+class CLIPTextHolder(nn.Module):
+    """Holds transformers' CLIP text transformer as `text_model`, so that parameter names are the checkpoint's
+    (`text_model.embeddings...`) whatever the transformers version: 4.x nests the transformer under `text_model`
+    itself, 5.x puts embeddings/encoder/final_layer_norm at the top of CLIPTextModel."""
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.text_model(*args, **kwargs)
+
+
 def build_clip_text_model(text_config: Optional[Mapping[str, Any]]) -> nn.Module:
-    """transformers' CLIPTextModel from the ViT-L/14 text configuration, updated with `text_config` fields."""
+    """transformers' CLIP text model from the ViT-L/14 text configuration, updated with `text_config` fields; its
+    parameters are named `text_model.*` as in the original checkpoints."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     fields = dict(VIT_L14_TEXT_CONFIG)
@@ -44,7 +61,8 @@ def build_clip_text_model(text_config: Optional[Mapping[str, Any]]) -> nn.Module
         if unknown:
             raise ValueError(f"text_config has fields that CLIPTextConfig does not know: {sorted(unknown)}")
         fields.update({k: (v if not hasattr(v, "items") else dict(v)) for k, v in dict(text_config).items()})
-    return CLIPTextModel(CLIPTextConfig(**fields))
+    model = CLIPTextModel(CLIPTextConfig(**fields))
+    return model if hasattr(model, "text_model") else CLIPTextHolder(model)
 
 
 class FrozenCLIPEmbedder(AbstractEncoder):
