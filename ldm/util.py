@@ -88,4 +88,4 @@ def load_model_from_config(
             logger.info("Global Step: %s", meta["global_step"])
         wants_ema = model.use_ema if use_ema is None else use_ema
         load_weights_into(model, state_dict, use_ema=wants_ema, source=str(ckpt))
-    return model.to(device).eval()
+    return model.requires_grad_(False).to(device).eval()

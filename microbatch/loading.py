@@ -115,7 +115,7 @@ def load_model(
     if state_dict is not None:
         load_weights_into(model, state_dict, use_ema=model.use_ema if use_ema is None else use_ema, source=str(ckpt))
         del state_dict
-    model.eval()
+    model.requires_grad_(False).eval()
     model.model.to(dtypes.unet)
     model.cond_stage_model.to(dtypes.text)
     model.first_stage_model.to(dtypes.vae)

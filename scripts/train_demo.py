@@ -1,0 +1,59 @@
+"""Train the embedded demo model from scratch: python scripts/train_demo.py [--ae_steps N] [--unet_steps N]
+
+Writes microbatch/assets/demo-shapes.safetensors and demo-shapes.yaml (or --out DIR); intermediate files (the
+stage-a autoencoder, encoded latents, resumable UNet state, train.log, summary.json) go to --workdir.
+A re-run that keeps the autoencoder: --ae_from WORKDIR/stage-a-frozen.safetensors --ae_steps 0.
+"""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+
+from microbatch.demo.train import TrainSettings, train  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainSettings.__dataclass_fields__
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, default=d["config"].default, help="model yaml")
+    p.add_argument("--out", type=Path, default=d["out"].default, help="folder for demo-shapes.safetensors and .yaml")
+    p.add_argument("--workdir", type=Path, default=d["workdir"].default, help="folder for intermediate files and the log")
+    p.add_argument("--seed", type=int, default=d["seed"].default)
+    p.add_argument("--threads", type=int, default=d["threads"].default, help="torch CPU threads")
+    p.add_argument("--ae_steps", type=int, default=d["ae_steps"].default, help="autoencoder steps (0 with --ae_from)")
+    p.add_argument("--ae_batch", type=int, default=d["ae_batch"].default)
+    p.add_argument("--ae_from", type=Path, default=None, help="skip the autoencoder stage: load it from this stage-a file")
+    p.add_argument("--n_latents", type=int, default=d["n_latents"].default, help="images encoded once for the UNet stage")
+    p.add_argument("--unet_steps", type=int, default=d["unet_steps"].default)
+    p.add_argument("--unet_batch", type=int, default=d["unet_batch"].default)
+    p.add_argument("--unet_lr", type=float, default=d["unet_lr"].default)
+    p.add_argument("--resume", action="store_true", help="continue the UNet stage from WORKDIR/unet-state.pt")
+    p.add_argument("--log_every", type=int, default=d["log_every"].default)
+    p.add_argument("--snapshot_every", type=int, default=d["snapshot_every"].default, help="UNet steps between resumable snapshots")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.ae_from is not None and not args.ae_from.is_file():
+        print(f"error: --ae_from {args.ae_from} not found", file=sys.stderr)
+        return 2
+    try:
+        settings = TrainSettings(**{k: v for k, v in vars(args).items()})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(settings.workdir / "train.log", encoding="utf-8")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True)
+    summary = train(settings)
+    print(f"demo model written to {summary['checkpoint']['path']} ({summary['checkpoint']['megabytes']:.1f} MB) in {summary['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
