@@ -28,10 +28,27 @@ class TimestepBlock(nn.Module):
     """A module whose forward takes the timestep embedding as a second argument."""
 
 
+class TimeEmbedding:
+    """Timestep embeddings of the distinct timesteps of a batch, values [U, C], and each row's entry, index [B].
+
+    A batch usually holds one timestep, so the time MLPs run once on U rows instead of B. That is cheaper, and it
+    keeps every image's result independent of the batch size: small-M matrix products take other kernels (with
+    another summation order) than large ones.
+    """
+
+    def __init__(self, values: torch.Tensor, index: torch.Tensor):
+        self.values = values
+        self.index = index
+
+    def map(self, fn) -> torch.Tensor:
+        """fn applied to the distinct rows, expanded to the batch: [B, ...]."""
+        return fn(self.values)[self.index]
+
+
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """Sequential that hands the timestep embedding to ResBlocks and the context to SpatialTransformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: "torch.Tensor | TimeEmbedding", context: Optional[torch.Tensor] = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
@@ -119,9 +136,10 @@ class ResBlock(TimestepBlock):
         else:
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: "torch.Tensor | TimeEmbedding") -> torch.Tensor:
         h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).to(h.dtype)
+        emb_out = emb.map(self.emb_layers) if isinstance(emb, TimeEmbedding) else self.emb_layers(emb)
+        emb_out = emb_out.to(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *((1,) * (h.dim() - emb_out.dim())))
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
@@ -281,7 +299,8 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """x [B, in_channels, h, w], timesteps [B] (may be fractional), context [B, M, context_dim]."""
         dtype = self.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        distinct, index = torch.unique(timesteps, return_inverse=True)
+        emb = TimeEmbedding(self.time_embed(timestep_embedding(distinct, self.model_channels).to(dtype)), index)
         if context is not None:
             context = context.to(dtype)
         h = x.to(dtype)

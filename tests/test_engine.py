@@ -1,0 +1,143 @@
+"""The micro-batched engine: batch-independent per-image seeds, out-of-memory back-off, the half-precision VAE
+fallback, attention backends and sliced attention memory."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm.modules.attention_backends import AttentionBackend, attention_math, resolve_backend
+from microbatch.engine import Engine, ImageJob, SamplingSettings
+from tests.script_utils import REPO, load_script
+
+CPU = torch.device("cpu")
+
+
+def run_engine(model, seed, n, batch, **settings):
+    engine = Engine(model, CPU)
+    jobs = [ImageJob(i, "a red circle", seed + i) for i in range(n)]
+    out = []
+    kw = dict(steps=4, height=64, width=64, max_batch_size=batch)
+    kw.update(settings)
+    engine.run(jobs, SamplingSettings(**kw), out.extend)
+    return out
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("plms", 0.0)])
+def test_image_depends_on_its_seed_not_on_batching(tiny_model, sampler, eta):
+    a = run_engine(tiny_model, 42, 6, 2, sampler=sampler, eta=eta)
+    b = run_engine(tiny_model, 42, 6, 6, sampler=sampler, eta=eta)
+    c = run_engine(tiny_model, 45, 1, 1, sampler=sampler, eta=eta)
+    assert [d.job.seed for d in a] == list(range(42, 48))
+    assert torch.equal(a[3].latent, b[3].latent) and torch.equal(a[3].latent, c[0].latent)
+    assert torch.equal(a[3].image, c[0].image)
+    assert not torch.equal(a[2].latent, a[3].latent)
+
+
+def test_script_level_batch_invariance_bit_identical_pngs(tmp_path, monkeypatch, tiny_ckpt):
+    monkeypatch.chdir(tmp_path)
+    txt2img = load_script("txt2img")
+    common = ["--prompt", "a cat", "--n_iter", "1", "--H", "64", "--W", "64", "--ckpt", str(tiny_ckpt), "--ddim_steps", "3",
+              "--precision", "full", "--quiet", "--device", "cpu", "--skip_grid", "--config", str(REPO / "configs" / "tiny" / "tiny-v1.yaml")]
+    assert txt2img.main(common + ["--seed", "42", "--n_samples", "6", "--max_batch_size", "2", "--outdir", "a"]) == 0
+    assert txt2img.main(common + ["--seed", "42", "--n_samples", "6", "--max_batch_size", "6", "--outdir", "b"]) == 0
+    assert txt2img.main(common + ["--seed", "45", "--n_samples", "1", "--outdir", "c"]) == 0
+    pixels = [Image.open(tmp_path / d / "samples" / name).tobytes() for d, name in (("a", "00003.png"), ("b", "00003.png"), ("c", "00000.png"))]
+    assert pixels[0] == pixels[1] == pixels[2]
+    assert "Seed: 45" in Image.open(tmp_path / "a" / "samples" / "00003.png").info["parameters"]
+
+
+def test_fixed_code_reuses_noise_across_iterations(tiny_model):
+    from microbatch.cli import build_parser, make_plan
+
+    args = build_parser("txt2img", "").parse_args(["--n_samples", "2", "--n_iter", "3", "--fixed_code", "--seed", "7"])
+    args.sampler, args.prompts = "ddim", None
+    plan = make_plan(args, "txt2img", 64, 64)
+    assert [j.seed for j in plan.jobs] == [7, 8, 7, 8, 7, 8]
+    args.fixed_code = False
+    assert [j.seed for j in make_plan(args, "txt2img", 64, 64).jobs] == [7, 8, 9, 10, 11, 12]
+
+
+def test_out_of_memory_halves_the_micro_batch_and_loses_nothing(tiny_model, monkeypatch, caplog):
+    reference = run_engine(tiny_model, 0, 5, 1)
+    real = tiny_model.apply_model
+    calls = []
+
+    def flaky(x, t, cond):
+        calls.append(x.shape[0])
+        if x.shape[0] > 2:  # more than one image (2 rows with guidance) "does not fit"
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        return real(x, t, cond)
+
+    monkeypatch.setattr(tiny_model, "apply_model", flaky)
+    engine = Engine(tiny_model, CPU)
+    jobs = [ImageJob(i, "a red circle", i) for i in range(5)]
+    done, changes = [], []
+    caplog.set_level(logging.WARNING)
+    final = engine.run(jobs, SamplingSettings(steps=4, height=64, width=64, max_batch_size=4), done.extend, lambda a, b: changes.append((a, b)))
+    assert final == 1 and changes == [(4, 2), (2, 1)]
+    assert [d.job.index for d in done] == [0, 1, 2, 3, 4]
+    assert all(torch.equal(d.latent, r.latent) for d, r in zip(done, reference))
+    assert "out of memory" in caplog.text
+
+
+def test_half_precision_vae_nan_falls_back_to_float32_once(tiny_model, caplog):
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    model.first_stage_model.to(torch.bfloat16)
+    real_decode = model.first_stage_model.decoder.forward
+
+    def overflowing(z):
+        out = real_decode(z)
+        return out * float("nan") if out.dtype != torch.float32 else out
+
+    model.first_stage_model.decoder.forward = overflowing
+    engine = Engine(model, CPU)
+    caplog.set_level(logging.WARNING)
+    images = engine.decode(torch.randn(2, 4, 8, 8))
+    assert torch.isfinite(images).all() and images.dtype == torch.float32
+    assert model.first_stage_model.post_quant_conv.weight.dtype == torch.float32
+    assert caplog.text.count("decoding in float32") == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 300, 40), (1, 1, 4096 // 16, 64), (3, 5, 77, 16)])
+def test_attention_backends_agree_with_math(shape):
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = shape
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    k_ctx = torch.randn(b, h, 77, d, generator=g)
+    ref = attention_math(q, k, v)
+    ref_x = attention_math(q, k_ctx, k_ctx)
+    for backend in (resolve_backend("sdpa"), resolve_backend("sliced"), resolve_backend("auto", "max"), resolve_backend("auto", "3"), AttentionBackend("sliced", 2, 4096)):
+        assert torch.allclose(backend(q, k, v), ref, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(backend(q, k_ctx, k_ctx), ref_x, atol=1e-5, rtol=1e-4)
+
+
+def test_sliced_attention_never_holds_the_whole_score_matrix(monkeypatch):
+    """At 512x512 SD v1 self-attention is 4096 x 4096 per head; the sliced backend keeps each score block under
+    its budget (default 16 MB), so the attention score memory of a UNet call stays under 64 MB."""
+    import ldm.modules.attention_backends as ab
+
+    largest = []
+    real = ab.attention_math
+
+    def spy(q, k, v):
+        largest.append(q.shape[0] * q.shape[1] * k.shape[1] * 4 if q.dim() == 3 else q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * 4)
+        return real(q, k, v)
+
+    monkeypatch.setattr(ab, "attention_math", spy)
+    q = torch.randn(2, 8, 4096, 8)  # 2 rows (uncond, cond) x 8 heads at 64x64 latents; small head dim for speed
+    resolve_backend("auto", "auto")(q, q, q)
+    assert largest and max(largest) <= 16 * 2**20
+    assert 2 * 8 * 4096 * 4096 * 4 > 64 * 2**20  # the unsliced matrix would be 1 GiB
+
+
+def test_invalid_slicing_values_are_rejected():
+    for bad in ("0", "-3", "lots"):
+        with pytest.raises(ValueError, match="attention_slicing"):
+            resolve_backend("auto", bad)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash3")
