@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 from ldm.checkpoint import CheckpointError
 from ldm.modules.attention_backends import BACKENDS, resolve_backend
 from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
-from microbatch.engine import Engine, FinishedImage, ImageJob, SamplingSettings
+from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings
 from microbatch.images import load_init_image, next_number, save_grid, save_png_atomic, to_uint8
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
 from microbatch.metrics import RunMetrics
@@ -39,9 +41,16 @@ class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser(mode: Mode, description: str) -> argparse.ArgumentParser:
     d = DEFAULTS[mode]
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar", help="the prompt to render")
     p.add_argument("--negative_prompt", type=str, default="", help="replaces the empty prompt of classifier-free guidance")
     p.add_argument("--outdir", type=str, nargs="?", default=d["outdir"], help="dir to write results to")
@@ -73,9 +82,12 @@ def build_parser(mode: Mode, description: str) -> argparse.ArgumentParser:
     p.add_argument("--attention", type=str, default="auto", choices=list(BACKENDS), help="attention kernel")
     p.add_argument("--attention_slicing", type=str, default=None, help="auto, max or N: compute attention in slices (implies --attention sliced)")
     p.add_argument("--use_ema", action="store_true", help="use the EMA weights of a full checkpoint")
+    p.add_argument("--parameterization", type=str, choices=["auto", "eps", "v"], default="auto", help="what the UNet predicts; auto: the config's, measured from the checkpoint when the config is inferred")
     p.add_argument("--metrics_json", type=str, default=None, help="also write the run's metrics and settings as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
+    if mode == "txt2img":
+        p.add_argument("--from_png", type=str, default=None, help="regenerate the image whose `parameters` metadata this PNG holds")
     if mode == "img2img":
         p.add_argument("--init-img", dest="init_img", type=str, help="path to the input image")
         p.add_argument("--strength", type=float, default=0.75, help="fraction of the schedule re-run from the noised input: 1.0 ignores the input")
@@ -136,6 +148,7 @@ def check_args(args: argparse.Namespace, mode: Mode) -> None:
             raise UsageError("img2img needs --init-img PATH")
         if not Path(args.init_img).is_file():
             raise UsageError(f"init image not found: {args.init_img}")
+        check_image_file(args.init_img, "init image")
         if not 0.0 < args.strength <= 1.0:
             raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     else:
@@ -166,6 +179,16 @@ def check_args(args: argparse.Namespace, mode: Mode) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"output folder {outdir} cannot be written ({e.strerror or e})") from None
+
+
+def check_image_file(path: str, what: str) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{what} {path} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def round_size(value: int, multiple: int, name: str) -> int:
@@ -223,7 +246,7 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Optional[Path], bool]:
     raise UsageError(f"no checkpoint: pass --ckpt path/to/model.ckpt (.ckpt or .safetensors), or place one at {DEFAULT_CKPT}")
 
 
-def png_parameters(job: ImageJob, settings: SamplingSettings, loaded: LoadedModel) -> str:
+def png_parameters(job: ImageJob, settings: SamplingSettings, loaded: LoadedModel, precision: str) -> str:
     """Generation parameters in the text format the popular web UIs write under the PNG key `parameters`."""
     fields = [
         f"Steps: {settings.steps}",
@@ -234,6 +257,7 @@ def png_parameters(job: ImageJob, settings: SamplingSettings, loaded: LoadedMode
         f"Size: {settings.width}x{settings.height}",
         f"Model hash: {loaded.model_hash}",
         f"Eta: {settings.eta:g}",
+        f"Precision: {precision}",
     ]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
@@ -268,7 +292,7 @@ def prepare(args: argparse.Namespace, mode: Mode) -> Session:
     ckpt, is_demo = resolve_checkpoint(args)
     loaded = load_model(
         ckpt, Path(args.config) if args.config else None, device, dtypes, attention,
-        use_ema=True if args.use_ema else None, is_demo=is_demo,
+        use_ema=True if args.use_ema else None, is_demo=is_demo, parameterization=args.parameterization,
     )
     model = loaded.model
     logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
@@ -306,14 +330,13 @@ def execute(session: Session, engine: Engine, plan: Plan) -> int:
     grid_images = []
     next_free = next_number(sample_path)
     progress = _Progress(len(plan.jobs), quiet=args.quiet)
-    engine.step_callback = progress.step
 
     def on_batch(batch: list[FinishedImage]) -> None:
         nonlocal next_free
         for done in batch:
             array = to_uint8(done.image)
             if not args.skip_save:
-                text = {"parameters": png_parameters(done.job, settings, loaded)}
+                text = {"parameters": png_parameters(done.job, settings, loaded, args.precision)}
                 path = save_png_atomic(array, sample_path, next_free, text=text)
                 next_free = int(path.stem) + 1
             if not args.skip_grid:
@@ -321,22 +344,125 @@ def execute(session: Session, engine: Engine, plan: Plan) -> int:
             progress.image_done()
         metrics.batch_done(len(batch))
 
+    stop = _StopOnSignal()
+
+    def on_step(batch_index: int, info: dict) -> None:
+        progress.step(batch_index, info)
+        if stop.signum is not None:
+            raise Interrupted(stop.signum)
+
+    engine.step_callback = on_step
     reset_peak_memory(device)
     metrics.start()
-    metrics.final_max_batch_size = engine.run(plan.jobs, settings, on_batch)
+    exit_code = 0
+    with stop:
+        try:
+            metrics.final_max_batch_size = engine.run(plan.jobs, settings, on_batch)
+        except Interrupted:
+            exit_code = 128 + stop.signum
+            metrics.interrupted = True
     progress.close()
     if not args.skip_grid and grid_images:
         save_grid(grid_images, outdir, plan.n_rows)
     metrics.finish(device)
-    print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
+    if exit_code:
+        name = signal.Signals(exit_code - 128).name
+        print(f"Stopped by {name} after {metrics.images} of {len(plan.jobs)} images; every finished image is saved in {outdir}")
+    else:
+        print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
     print(metrics.report())
     if args.metrics_json:
         metrics.write_json(Path(args.metrics_json))
-    return 0
+    return exit_code
+
+
+class _StopOnSignal:
+    """While active, SIGINT and SIGTERM ask the run to stop after the current sampler step (a second SIGINT stops
+    at once). Only the main thread can install handlers; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after the current step (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __enter__(self) -> "_StopOnSignal":
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+_FIELD = re.compile(r"\s*([A-Za-z][A-Za-z ]*):\s*([^,]*)")
+
+
+def parse_png_parameters(text: str) -> dict[str, str]:
+    """Inverse of png_parameters: {"prompt", "negative_prompt", and each "Key: value" field of the last line}."""
+    lines = text.strip("\n").split("\n")
+    if len(lines) < 2:
+        raise ValueError("the parameters text has no settings line")
+    fields = {m.group(1).strip(): m.group(2).strip() for m in _FIELD.finditer(lines[-1])}
+    if "Seed" not in fields or "Steps" not in fields:
+        raise ValueError("the parameters text has no Seed / Steps fields")
+    body = lines[:-1]
+    negative = ""
+    for i, line in enumerate(body):
+        if line.startswith("Negative prompt: "):
+            negative = "\n".join([line[len("Negative prompt: "):], *body[i + 1 :]])
+            body = body[:i]
+            break
+    fields["prompt"] = "\n".join(body)
+    fields["negative_prompt"] = negative
+    return fields
+
+
+def apply_from_png(args: argparse.Namespace) -> None:
+    """Take prompt, negative prompt, sampler, schedule, steps, scale, eta, seed, size and precision from a PNG
+    written by these scripts (or the web UIs' `parameters` format); one image."""
+    from PIL import Image
+
+    check_image_file(args.from_png, "--from_png")
+    with Image.open(args.from_png) as im:
+        text = im.info.get("parameters")
+    if not text:
+        raise UsageError(f"{args.from_png} has no `parameters` text chunk to regenerate from")
+    try:
+        f = parse_png_parameters(text)
+        width, height = (int(v) for v in f["Size"].split("x"))
+        args.prompt, args.negative_prompt = f["prompt"], f["negative_prompt"]
+        args.ddim_steps, args.seed, args.W, args.H = int(f["Steps"]), int(f["Seed"]), width, height
+        args.scale = float(f.get("CFG scale", args.scale))
+        args.ddim_eta = float(f.get("Eta", 0.0))
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"{args.from_png}: cannot read its parameters ({e})") from None
+    args.sampler = f.get("Sampler", "ddim").lower()
+    args.plms = False
+    args.schedule = f.get("Schedule", args.schedule)
+    if f.get("Precision") in ("full", "autocast"):
+        args.precision = f["Precision"]
+    args.n_samples, args.n_iter, args.fixed_code, args.from_file = 1, 1, False, None
+    args.expected_model_hash = f.get("Model hash")
 
 
 def run(args: argparse.Namespace, mode: Mode) -> int:
+    if getattr(args, "from_png", None):
+        apply_from_png(args)
     session = prepare(args, mode)
+    expected = getattr(args, "expected_model_hash", None)
+    if expected and expected != session.loaded.model_hash:
+        print(f"note: {args.from_png} was made with model hash {expected}; this checkpoint's is {session.loaded.model_hash}")
     engine = Engine(session.model, session.device)
     if mode == "img2img":
         height, width = encode_init_image(session, engine, args.init_img)
@@ -388,8 +514,21 @@ def main_for(mode: Mode, description: str, argv: Optional[Sequence[str]] = None)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return run(args, mode)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - an unexpected failure still ends in one line and an exit code
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {_one_line(e)} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:2000] if text else type(error).__name__
