@@ -1,10 +1,11 @@
 """Config instantiation and model loading (the original `ldm.util` entry points)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -26,6 +27,34 @@ def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
     if verbose:
         logger.info("%s has %.2f M params.", model.__class__.__name__, total * 1e-6)
     return total
+
+
+_INIT_FUNCTIONS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)
+
+
+@contextlib.contextmanager
+def no_weight_init() -> Iterator[None]:
+    """Build modules without random initialisation (parameters are allocated, not filled).
+
+    Only for models whose every parameter is then loaded from a checkpoint under a strict key check: random init
+    of SD's ~1B parameters costs tens of seconds on a CPU and is thrown away. Buffers computed in constructors
+    (schedules, position ids) are unaffected.
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, skip)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
@@ -81,7 +110,8 @@ def load_model_from_config(
     from ldm.checkpoint import load_weights_into, read_checkpoint
 
     config = load_config(config)
-    model = instantiate_from_config(config.model)
+    with no_weight_init() if ckpt is not None else contextlib.nullcontext():
+        model = instantiate_from_config(config.model)
     if ckpt is not None:
         state_dict, meta = read_checkpoint(ckpt)
         if "global_step" in meta:

@@ -2,8 +2,10 @@
 inferred from the weights' shapes), precision per component and the attention backend."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 
 from ldm.checkpoint import CheckpointError, describe_family, load_weights_into, read_checkpoint
 from ldm.modules.attention_backends import AttentionBackend
-from ldm.util import instantiate_from_config, load_config
+from ldm.util import instantiate_from_config, load_config, no_weight_init
 from microbatch.devices import Dtypes
 
 logger = logging.getLogger(__name__)
@@ -38,17 +40,153 @@ def demo_checkpoint() -> Optional[Path]:
     return path if path.is_file() else None
 
 
+# SD 2.x configs by UNet input channels, tried in order: the published one, then the tiny test model of the
+# same layout. All of them are eps configs; the v-prediction variant is chosen after loading (see below).
+SD2_CANDIDATES: dict[int, tuple[str, ...]] = {
+    4: ("stable-diffusion/v2-inference.yaml", "tiny/tiny-v2.yaml"),
+    9: ("stable-diffusion/v2-inpainting-inference.yaml", "tiny/tiny-v2-inpainting.yaml"),
+}
+# eps config -> (its v-prediction variant, native latent size of the v models or None to keep the config's).
+# SD 2.x v models are the 768 ones: the published v2-inference-v.yaml keeps image_size 64 (the original scripts
+# are run with --H 768 --W 768), so an inferred v config gets image_size 96 to make 768 the default size.
+V_VARIANTS: dict[str, tuple[str, Optional[int]]] = {
+    "stable-diffusion/v2-inference.yaml": ("stable-diffusion/v2-inference-v.yaml", 96),
+    "tiny/tiny-v2.yaml": ("tiny/tiny-v2-v.yaml", None),
+}
+_UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_UNET_CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_OPENCLIP_TOKENS = "cond_stage_model.model.token_embedding.weight"
+
+
+def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Optional[list[str]]:
+    """Build `config` on the meta device (nothing allocated) and compare its weights' names and shapes with the
+    checkpoint's. Returns the differences ([] = every weight fits), or None when the yaml's UNet cannot fit."""
+    cfg = load_config(config)
+    unet = cfg.model.params.unet_config.params
+    conv_in, ctx = state_dict[_UNET_CONV_IN], state_dict.get(_UNET_CONTEXT)
+    if (unet.model_channels, unet.in_channels) != tuple(conv_in.shape[:2]) or (ctx is not None and unet.context_dim != ctx.shape[1]):
+        return None
+    with torch.device("meta"):
+        model = instantiate_from_config(cfg.model)
+    computed = {name for name, _ in model.named_buffers()}
+    problems = []
+    for key, value in model.state_dict().items():
+        if key not in state_dict:
+            if key not in computed:
+                problems.append(f"{key} missing")
+        elif tuple(state_dict[key].shape) != tuple(value.shape):
+            problems.append(f"{key}: file {tuple(state_dict[key].shape)} vs config {tuple(value.shape)}")
+    return problems
+
+
 def infer_config(state_dict: dict[str, torch.Tensor], ckpt: Path) -> tuple[Path, str]:
-    """(config path, reason) from the checkpoint's keys and shapes."""
+    """(config path, reason) from the checkpoint's keys and shapes.
+
+    SD v1.x: the CLIP ViT-L/14 text encoder, 768-wide context and a 320-channel 4-in UNet. SD 2.x: the OpenCLIP
+    text tower (`cond_stage_model.model.*`); the UNet's input channels pick plain (4) or inpainting (9), and the
+    candidate whose every weight shape matches (built on the meta device) wins. eps vs v is decided after loading.
+    """
     token = state_dict.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
-    ctx = state_dict.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    conv_in = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
+    ctx = state_dict.get(_UNET_CONTEXT)
+    conv_in = state_dict.get(_UNET_CONV_IN)
     if token is not None and ctx is not None and conv_in is not None:
         if tuple(token.shape) == (49408, 768) and ctx.shape[1] == 768 and tuple(conv_in.shape[:2]) == (320, 4):
             return builtin_config("stable-diffusion/v1-inference.yaml"), "CLIP ViT-L/14 text encoder, 768-wide context and a 320-channel 4-in UNet: SD v1.x"
+    if _OPENCLIP_TOKENS in state_dict and conv_in is not None and int(conv_in.shape[1]) in SD2_CANDIDATES:
+        in_ch = int(conv_in.shape[1])
+        kind = "inpainting UNet (9 input channels: latent, mask, masked-image latent)" if in_ch == 9 else "4-channel UNet"
+        width = f"{ctx.shape[1]}-wide context" if ctx is not None else "no cross-attention"
+        tried = []
+        for name in SD2_CANDIDATES[in_ch]:
+            problems = _shape_mismatches(builtin_config(name), state_dict)
+            if problems == []:
+                n = sum(1 for k in state_dict if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")))
+                return builtin_config(name), f"OpenCLIP text encoder (cond_stage_model.model.*), {width}, {kind}: SD 2.x layout; all {n} weight shapes match {name}"
+            if problems:
+                tried.append(f"{name}: {len(problems)} differences, e.g. {problems[0]}")
+        detail = f" Tried {'; '.join(tried)}." if tried else ""
+        raise CheckpointError(f"cannot infer the model config of {ckpt}: SD 2.x layout ({width}, {kind}) but no shipped config fits.{detail} Pass --config with the matching yaml.")
     family = describe_family(state_dict)
     what = f" It looks like {family}." if family else ""
     raise CheckpointError(f"cannot infer the model config of {ckpt}.{what} Pass --config with the matching yaml.")
+
+
+# -- eps or v: one UNet evaluation on pure noise --------------------------------------------------------------------
+#
+# At t = 999 (alphas_cumprod a = 0.00466) the UNet input x_t is almost pure noise. The statistic is the slope of the
+# least-squares fit of the output on the input, slope = <out, x_t> / <x_t, x_t>, for one x_t ~ N(0, I).
+#   eps model: the noise is nearly all of x_t. For data of std s the ideal output is E[eps | x_t] =
+#     sqrt(1 - a) x_t / (a s^2 + 1 - a): slope 0.998 at s = 1, above 0.5 for any s < ~14.
+#   v model: v = sqrt(a) eps - sqrt(1 - a) x0; its noise part is scaled by sqrt(a) = 0.068 and its x0 part hardly
+#     depends on the noise. Ideal output for Gaussian data: sqrt(a (1 - a)) (1 - s^2) / (a s^2 + 1 - a) x_t, so the
+#     slope is 0 at s = 1, at most 0.068 for any s, and negative for s > 1.
+# SD latents are scaled to std ~1. The threshold sits halfway: slope >= 0.5 -> eps, else v.
+DETECTION_TIMESTEP = 999
+EPS_SLOPE_THRESHOLD = 0.5
+
+
+def output_input_slope(model_fn: Any, x_t: torch.Tensor, t: int = DETECTION_TIMESTEP) -> float:
+    """<out, x_t> / <x_t, x_t> for out = model_fn(x_t, timesteps [B] = t), accumulated in float64."""
+    timesteps = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+    with torch.no_grad():
+        out = model_fn(x_t, timesteps)
+    x, out = x_t.double(), out.double()
+    return float((out * x).sum() / (x * x).sum())
+
+
+def parameterization_from_slope(slope: float) -> str:
+    if not math.isfinite(slope):
+        raise ValueError(f"cannot tell eps from v: the UNet output on pure noise is not finite (slope {slope})")
+    return "eps" if slope >= EPS_SLOPE_THRESHOLD else "v"
+
+
+def detect_parameterization(model: Any, seed: int = 0) -> tuple[str, float]:
+    """("eps" or "v", slope) for a loaded LatentDiffusion, from one UNet call at t = 999 on seeded N(0, I) latents
+    (up to 32x32) with the empty prompt as context; inpainting models get all-zero extra channels."""
+    unet = model.model.diffusion_model
+    multiple = 2 ** (len(unet.channel_mult) - 1)
+    size = max(multiple, min(int(model.image_size), 32) // multiple * multiple)
+    generator = torch.Generator().manual_seed(seed)
+    x_t = torch.randn((1, model.channels, size, size), generator=generator).to(model.device)
+    with torch.no_grad():
+        context = model.get_learned_conditioning([""])
+    cond: Any = context
+    if unet.in_channels != model.channels:
+        extra = torch.zeros((1, unet.in_channels - model.channels, size, size), device=model.device)
+        cond = {"c_concat": [extra], "c_crossattn": [context]}
+    slope = output_input_slope(lambda x, t: model.apply_model(x, t, cond), x_t)
+    return parameterization_from_slope(slope), slope
+
+
+def settle_parameterization(
+    model: Any, config: Path, reason: str, inferred: bool, requested: Optional[str], ckpt: Optional[Path]
+) -> tuple[Path, str]:
+    """Set model.parameterization: as requested, else detected when the config was inferred, else the config's.
+    For an inferred config, a v model reports the config's v variant and takes its family's native size."""
+    if requested in (None, "auto"):
+        if not inferred:
+            return config, reason
+        start = time.perf_counter()
+        choice, slope = detect_parameterization(model)
+        why = (
+            f"{choice}-prediction: UNet output/input slope {slope:.3f} on pure noise at t={DETECTION_TIMESTEP} "
+            f"(eps ~1, v ~0; threshold {EPS_SLOPE_THRESHOLD}; --parameterization overrides)"
+        )
+        logger.info("parameterization of %s: %s, measured in %.1f s", ckpt, why, time.perf_counter() - start)
+    else:
+        choice, why = requested, f"{requested}-prediction (given with --parameterization)"
+    if model.parameterization != choice:
+        logger.info("using %s-prediction instead of the config's %s", choice, model.parameterization)
+    model.parameterization = choice
+    if inferred and choice == "v":
+        name = next((n for n in V_VARIANTS if builtin_config(n) == config), None)
+        if name is not None:
+            v_name, native = V_VARIANTS[name]
+            config = builtin_config(v_name)
+            if native is not None and model.image_size != native:
+                model.image_size = native
+                why += f"; native size {native * 2 ** (model.first_stage_model.encoder.num_resolutions - 1)} (768-v family)"
+    return config, f"{reason}; {why}"
 
 
 @dataclass
@@ -92,26 +230,35 @@ def load_model(
     attention: Optional[AttentionBackend] = None,
     use_ema: Optional[bool] = None,
     is_demo: bool = False,
+    parameterization: Optional[str] = None,
 ) -> LoadedModel:
-    """Read the checkpoint once, choose the config, build, load strictly, cast per component and move."""
+    """Read the checkpoint once, choose the config, build, load strictly, cast per component and move.
+
+    `parameterization` ("eps" or "v") overrides the config's; None / "auto" keeps a given config's and, when the
+    config is inferred from the checkpoint, measures it with one UNet evaluation (`detect_parameterization`)."""
+    if parameterization not in (None, "auto", "eps", "v"):
+        raise ValueError(f"parameterization must be auto, eps or v, got {parameterization!r}")
     start = time.perf_counter()
     state_dict: Optional[dict[str, torch.Tensor]] = None
     if ckpt is not None:
         state_dict, meta = read_checkpoint(ckpt)
         if "global_step" in meta:
             logger.info("Global Step: %s", meta["global_step"])
+    inferred = False
     if config is not None:
         reason = "given with --config"
     elif ckpt is not None and ckpt.with_suffix(".yaml").is_file():
         config, reason = ckpt.with_suffix(".yaml"), "the yaml beside the checkpoint"
     elif state_dict is not None:
         config, reason = infer_config(state_dict, ckpt)
+        inferred = True
     else:
         raise ValueError("no checkpoint and no config: nothing to build")
     cfg = load_config(config)
     if "model" not in cfg:
         raise ValueError(f"config {config} has no `model` section")
-    model = instantiate_from_config(cfg.model)
+    with no_weight_init() if state_dict is not None else contextlib.nullcontext():
+        model = instantiate_from_config(cfg.model)
     if state_dict is not None:
         load_weights_into(model, state_dict, use_ema=model.use_ema if use_ema is None else use_ema, source=str(ckpt))
         del state_dict
@@ -122,6 +269,7 @@ def load_model(
     model.to(device)
     if attention is not None:
         model.set_attention(attention)
+    config, reason = settle_parameterization(model, Path(config), reason, inferred, parameterization, ckpt)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return LoadedModel(model, ckpt, Path(config), reason, dtypes, time.perf_counter() - start, is_demo)

@@ -172,8 +172,10 @@ def test_config_inferred_from_full_size_v1_shapes():
 
 
 def test_config_that_does_not_fit_is_explained(tmp_path, tiny_ckpt):
-    with pytest.raises(CheckpointError, match="does not fit the model config"):
-        load_model_from_config(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml", tiny_ckpt)
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.unet_config.params.model_channels = 64
+    with pytest.raises(CheckpointError, match=r"does not fit the model config: \d+ weights have the wrong shape"):
+        load_model_from_config(config, tiny_ckpt)
 
 
 def test_convert_checkpoint_script(tmp_path, tiny_ckpt, tiny_model):

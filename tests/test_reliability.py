@@ -85,8 +85,12 @@ def test_load_time_errors_are_one_line(files, tiny_ckpt, capsys):
     txt2img = load_script("txt2img")
     assert txt2img.main(["--ckpt", "cut.ckpt", *FAST]) == 2
     assert "truncated or corrupted" in capsys.readouterr().err
-    v1 = str(REPO / "configs" / "stable-diffusion" / "v1-inference.yaml")
-    assert txt2img.main(["--ckpt", str(tiny_ckpt), "--quiet", "--config", v1]) == 2
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(TINY)
+    config.model.params.first_stage_config.params.ddconfig.ch = 64
+    OmegaConf.save(config, files / "other.yaml")
+    assert txt2img.main(["--ckpt", str(tiny_ckpt), "--quiet", "--config", "other.yaml"]) == 2
     err = capsys.readouterr().err
     assert "does not fit the model config" in err and err.count("\n") == 1
 

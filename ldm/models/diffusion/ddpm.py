@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
@@ -259,3 +260,70 @@ class LatentDiffusion(nn.Module):
         from ldm.modules.attention_backends import set_attention_backend
 
         return set_attention_backend(self, backend)
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """SD 2.x inpainting: a hybrid-conditioned LatentDiffusion whose UNet reads [z, mask, masked-image latent]
+    (4 + 1 + 4 = 9 channels) plus the text context.
+
+    `concat_keys` name the extra inputs in order ("mask", then the masked image); `masked_image_key` says which of
+    them is VAE-encoded. `finetune_keys`, `keep_finetune_dims` and the c_concat_log_* parameters of the original
+    only serve to initialise training from a 4-channel checkpoint; they are accepted and ignored (inference only).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        concat_keys: Sequence[str] = ("mask", "masked_image"),
+        masked_image_key: str = "masked_image",
+        finetune_keys: Optional[Sequence[str]] = None,
+        keep_finetune_dims: int = 4,
+        c_concat_log_start: Optional[int] = None,
+        c_concat_log_end: Optional[int] = None,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("conditioning_key", "hybrid")
+        super().__init__(*args, **kwargs)
+        if masked_image_key not in concat_keys:
+            raise ValueError(f"masked_image_key {masked_image_key!r} is not one of concat_keys {list(concat_keys)}")
+        self.concat_keys = tuple(concat_keys)
+        self.masked_image_key = masked_image_key
+        self.finetune_keys = finetune_keys
+        self.keep_finetune_dims = keep_finetune_dims
+
+    def get_concat_conditioning(
+        self, image: torch.Tensor, mask: torch.Tensor, noise: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The UNet's extra input channels for inpainting `image` where `mask` is 1.
+
+        Args:
+            image: [B, 3, H, W] in [-1, 1].
+            mask: [B, 1, H, W], 1 = repaint, 0 = keep (binarised at 0.5 here).
+            noise: standard normal like the latent, to sample the VAE posterior of the masked image; None uses
+                its mean (the original samples it with the global RNG; the difference is the posterior's std).
+        Returns:
+            c_concat [B, 1 + 4, H/f, W/f]: the mask resized to the latent size (nearest) and the scaled latent of
+            image * (mask < 0.5), in `concat_keys` order.
+        """
+        if image.shape[0] != mask.shape[0] or image.shape[-2:] != mask.shape[-2:] or mask.shape[1] != 1:
+            raise ValueError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)} must be [B, 3, H, W] and [B, 1, H, W]")
+        mask = (mask >= 0.5).to(image.dtype)
+        masked_image = image * (mask < 0.5)
+        posterior = self.encode_first_stage(masked_image)
+        latent = self.get_first_stage_encoding(posterior.mode() if noise is None else posterior.sample(noise)).float()
+        parts = []
+        for key in self.concat_keys:
+            if key == self.masked_image_key:
+                parts.append(latent)
+            elif key == "mask":
+                parts.append(F.interpolate(mask.float(), size=latent.shape[-2:]))
+            else:
+                raise ValueError(f"concat key {key!r} is not supported: only 'mask' and the masked image")
+        return torch.cat(parts, dim=1)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False) -> torch.Tensor:
+        """As LatentDiffusion.apply_model; `cond` must be a dict with c_concat [mask, masked latent] and
+        c_crossattn [context]."""
+        if not isinstance(cond, dict) or not cond.get("c_concat"):
+            raise ValueError("an inpainting model needs cond = {'c_concat': [mask + masked-image latent], 'c_crossattn': [context]}")
+        return super().apply_model(x_noisy, t, cond)

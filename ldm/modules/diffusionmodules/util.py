@@ -114,7 +114,7 @@ def normalization(channels: int) -> nn.Module:
 
 def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
-        p.detach().zero_()
+        nn.init.zeros_(p)  # through nn.init, so that building for a checkpoint load can skip it
     return module
 
 

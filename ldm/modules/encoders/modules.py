@@ -1,11 +1,15 @@
-"""Text encoders. `FrozenCLIPEmbedder` (SD v1) builds CLIP's text transformer locally; nothing is downloaded:
-its weights come from the checkpoint and its tokenizer from the BPE merges file shipped in this package."""
+"""Text encoders. `FrozenCLIPEmbedder` (SD v1) builds CLIP's text transformer locally; `FrozenOpenCLIPEmbedder`
+(SD 2.x) builds OpenCLIP's text tower. Nothing is downloaded: weights come from the checkpoint and the tokenizer
+from the BPE merges file shipped in this package."""
 from __future__ import annotations
 
 import logging
+import math
+from collections import OrderedDict
 from typing import Any, Literal, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.encoders.tokenizer import CLIPTokenizer
@@ -115,6 +119,180 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         if self.layer == "pooled":
             return outputs.pooler_output[:, None, :]
         return outputs.hidden_states[self.layer_idx]
+
+    def encode(self, text: list[str]) -> torch.Tensor:
+        return self(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SD 2.x: the OpenCLIP text tower, with OpenCLIP's module names so that `cond_stage_model.model.*` loads strictly.
+
+# The text tower of OpenCLIP ViT-H/14 (laion2b_s32b_b79k), in CLIPTextConfig field names.
+VIT_H14_TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=1024,
+)
+OPENCLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {"ViT-H-14": VIT_H14_TEXT_CONFIG}
+_OPENCLIP_ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class OpenCLIPAttention(nn.Module):
+    """Causal multi-head self-attention with torch.nn.MultiheadAttention's parameter names (`in_proj_weight`
+    [3W, W], `in_proj_bias` [3W], `out_proj`), as OpenCLIP checkpoints store them. x [B, N, W] -> [B, N, W]."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        # [B, N, 3W] -> 3 x [B, heads, N, W / heads]
+        q, k, v = qkv.reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class OpenCLIPResidualBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) with mlp = c_fc, GELU, c_proj."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, act: str = "gelu", eps: float = 1e-5):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = OpenCLIPAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        # exact (erf) GELU, as OpenCLIP's nn.GELU(); quick_gelu only for OpenAI-trained towers
+        activation = nn.GELU() if act == "gelu" else QuickGELU()
+        self.mlp = nn.Sequential(
+            OrderedDict([("c_fc", nn.Linear(width, mlp_width)), ("gelu", activation), ("c_proj", nn.Linear(mlp_width, width))])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, act: str, eps: float):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.ModuleList(OpenCLIPResidualBlock(width, heads, mlp_width, act, eps) for _ in range(layers))
+
+
+class OpenCLIPTextTower(nn.Module):
+    """OpenCLIP's text model without the image tower: `token_embedding`, `positional_embedding`, `transformer`,
+    `ln_final`, `text_projection`, `logit_scale` (the checkpoint's `cond_stage_model.model.*` names).
+
+    `text_projection` and `logit_scale` only matter for CLIP's joint embedding space, not for SD conditioning; they
+    are persistent buffers, so they load strictly when a checkpoint has them and may be absent from pruned files.
+    """
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        width, length = config["hidden_size"], config["max_position_embeddings"]
+        self.context_length = length
+        self.token_embedding = nn.Embedding(config["vocab_size"], width)
+        self.positional_embedding = nn.Parameter(torch.empty(length, width))
+        self.transformer = OpenCLIPTransformer(
+            width, config["num_hidden_layers"], config["num_attention_heads"], config["intermediate_size"],
+            config["hidden_act"], config["layer_norm_eps"],
+        )
+        self.ln_final = nn.LayerNorm(width, eps=config["layer_norm_eps"])
+        self.register_buffer("text_projection", torch.empty(width, config["projection_dim"]))
+        self.register_buffer("logit_scale", torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def encode_tokens(self, tokens: torch.Tensor, stop_before: int = 0) -> torch.Tensor:
+        """tokens [B, N] -> hidden states [B, N, W] after all but the last `stop_before` blocks, then ln_final."""
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]].to(self.token_embedding.weight.dtype)
+        for block in self.transformer.resblocks[: len(self.transformer.resblocks) - stop_before]:
+            x = block(x)
+        return self.ln_final(x)
+
+
+class FrozenOpenCLIPEmbedder(AbstractEncoder):
+    """SD 2.x text encoder: OpenCLIP ViT-H/14's text tower, list of B prompts -> context [B, 77, 1024].
+
+    layer="penultimate" (the SD 2.x configs) stops before the last residual block and applies ln_final; "last"
+    runs every block. Tokens are bos, BPE ids, eos, then zeros up to `max_length` (OpenCLIP's padding). `version`
+    and `device` of the published yaml are accepted and ignored: weights come from the checkpoint, nothing is
+    downloaded. `text_config` (CLIPTextConfig field names: hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, max_position_embeddings, vocab_size, hidden_act, layer_norm_eps, projection_dim)
+    overrides the architecture's fields, for small test models.
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: Optional[str] = None,
+        max_length: int = 77,
+        freeze: bool = True,
+        layer: Literal["last", "penultimate"] = "last",
+        text_config: Optional[Mapping[str, Any]] = None,
+    ):
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        if arch not in OPENCLIP_TEXT_CONFIGS and not text_config:
+            raise ValueError(f"unknown OpenCLIP arch {arch!r}: known {sorted(OPENCLIP_TEXT_CONFIGS)}, or give text_config")
+        fields = dict(OPENCLIP_TEXT_CONFIGS.get(arch, VIT_H14_TEXT_CONFIG))
+        if text_config:
+            unknown = set(text_config) - set(VIT_H14_TEXT_CONFIG)
+            if unknown:
+                raise ValueError(f"text_config fields not used by the OpenCLIP text tower: {sorted(unknown)}; known: {sorted(VIT_H14_TEXT_CONFIG)}")
+            fields.update(dict(text_config))
+        if fields["hidden_act"] not in _OPENCLIP_ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {sorted(_OPENCLIP_ACTIVATIONS)}, got {fields['hidden_act']!r}")
+        if max_length > fields["max_position_embeddings"]:
+            raise ValueError(f"max_length {max_length} exceeds the {fields['max_position_embeddings']} positions of the text tower")
+        self.tokenizer = CLIPTokenizer()
+        self.model = OpenCLIPTextTower(fields)
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = 0 if layer == "last" else 1
+        if freeze:
+            self.freeze()
+
+    def freeze(self) -> None:
+        self.model.eval()
+        for p in self.parameters():
+            p.requires_grad = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    def tokenize(self, text: list[str]) -> torch.Tensor:
+        """[B, max_length] ids: bos, BPE ids, eos, zero padding."""
+        return self.tokenizer(list(text), max_length=self.max_length, pad_id=0).input_ids
+
+    def forward(self, text: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(text).to(self.device)
+        return self.model.encode_tokens(tokens, stop_before=self.layer_idx)
 
     def encode(self, text: list[str]) -> torch.Tensor:
         return self(text)
