@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import signal
 import sys
@@ -139,8 +140,10 @@ def check_args(args: argparse.Namespace, mode: Mode) -> None:
         info = get_sampler(args.sampler)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.ddim_eta < 0:
-        raise UsageError(f"--ddim_eta must be >= 0, got {args.ddim_eta}")
+    if not math.isfinite(args.ddim_eta) or args.ddim_eta < 0:
+        raise UsageError(f"--ddim_eta must be a finite number >= 0, got {args.ddim_eta}")
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale must be a finite number, got {args.scale}")
     if args.ddim_eta != 0 and not info.uses_eta:
         raise UsageError(f"sampler {args.sampler} is deterministic: --ddim_eta must be 0, got {args.ddim_eta}")
     if mode == "img2img":

@@ -50,6 +50,8 @@ BAD_INPUTS = [
     ("txt2img", ["--max_batch_size", "0"], "--max_batch_size must be a positive integer, got 0"),
     ("txt2img", ["--H", "-8"], "--H must be positive, got -8"),
     ("txt2img", ["--plms", "--ddim_eta", "0.5"], "sampler plms is deterministic: --ddim_eta must be 0, got 0.5"),
+    ("txt2img", ["--ddim_eta", "nan"], "--ddim_eta must be a finite number >= 0, got nan"),
+    ("txt2img", ["--scale", "inf"], "--scale must be a finite number, got inf"),
     ("txt2img", ["--from-file", "nope.txt"], "prompt file not found: nope.txt"),
     ("txt2img", ["--from-file", "empty.txt"], "has no prompts"),
     ("txt2img", ["--outdir", "blocked"], "output folder blocked cannot be written"),
