@@ -58,9 +58,10 @@ _UNET_CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.att
 _OPENCLIP_TOKENS = "cond_stage_model.model.token_embedding.weight"
 
 
-def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Optional[list[str]]:
+def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Optional[tuple[list[str], int]]:
     """Build `config` on the meta device (nothing allocated) and compare its weights' names and shapes with the
-    checkpoint's. Returns the differences ([] = every weight fits), or None when the yaml's UNet cannot fit."""
+    checkpoint's. Returns (differences, tensors compared), differences [] when every weight fits, or None when
+    the yaml's UNet cannot fit."""
     cfg = load_config(config)
     unet = cfg.model.params.unet_config.params
     conv_in, ctx = state_dict[_UNET_CONV_IN], state_dict.get(_UNET_CONTEXT)
@@ -69,14 +70,16 @@ def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Opti
     with torch.device("meta"):
         model = instantiate_from_config(cfg.model)
     computed = {name for name, _ in model.named_buffers()}
-    problems = []
+    problems, compared = [], 0
     for key, value in model.state_dict().items():
         if key not in state_dict:
             if key not in computed:
                 problems.append(f"{key} missing")
-        elif tuple(state_dict[key].shape) != tuple(value.shape):
+            continue
+        compared += 1
+        if tuple(state_dict[key].shape) != tuple(value.shape):
             problems.append(f"{key}: file {tuple(state_dict[key].shape)} vs config {tuple(value.shape)}")
-    return problems
+    return problems, compared
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], ckpt: Path) -> tuple[Path, str]:
@@ -98,12 +101,13 @@ def infer_config(state_dict: dict[str, torch.Tensor], ckpt: Path) -> tuple[Path,
         width = f"{ctx.shape[1]}-wide context" if ctx is not None else "no cross-attention"
         tried = []
         for name in SD2_CANDIDATES[in_ch]:
-            problems = _shape_mismatches(builtin_config(name), state_dict)
-            if problems == []:
-                n = sum(1 for k in state_dict if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")))
-                return builtin_config(name), f"OpenCLIP text encoder (cond_stage_model.model.*), {width}, {kind}: SD 2.x layout; all {n} weight shapes match {name}"
-            if problems:
-                tried.append(f"{name}: {len(problems)} differences, e.g. {problems[0]}")
+            result = _shape_mismatches(builtin_config(name), state_dict)
+            if result is None:
+                continue
+            problems, compared = result
+            if not problems:
+                return builtin_config(name), f"OpenCLIP text encoder (cond_stage_model.model.*), {width}, {kind}: SD 2.x layout; all {compared} tensor shapes match {name}"
+            tried.append(f"{name}: {len(problems)} differences, e.g. {problems[0]}")
         detail = f" Tried {'; '.join(tried)}." if tried else ""
         raise CheckpointError(f"cannot infer the model config of {ckpt}: SD 2.x layout ({width}, {kind}) but no shipped config fits.{detail} Pass --config with the matching yaml.")
     family = describe_family(state_dict)

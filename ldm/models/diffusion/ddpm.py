@@ -325,5 +325,8 @@ class LatentInpaintDiffusion(LatentDiffusion):
         """As LatentDiffusion.apply_model; `cond` must be a dict with c_concat [mask, masked latent] and
         c_crossattn [context]."""
         if not isinstance(cond, dict) or not cond.get("c_concat"):
-            raise ValueError("an inpainting model needs cond = {'c_concat': [mask + masked-image latent], 'c_crossattn': [context]}")
+            raise ValueError(
+                "an inpainting model needs cond = {'c_concat': [mask + masked-image latent], 'c_crossattn': [context]}: "
+                "give it an image and a mask (scripts/inpaint.py)"
+            )
         return super().apply_model(x_noisy, t, cond)

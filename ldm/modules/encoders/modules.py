@@ -217,15 +217,15 @@ class OpenCLIPTextTower(nn.Module):
             config["hidden_act"], config["layer_norm_eps"],
         )
         self.ln_final = nn.LayerNorm(width, eps=config["layer_norm_eps"])
-        self.register_buffer("text_projection", torch.empty(width, config["projection_dim"]))
+        # filled directly, not by nn.init (which loaders may skip): a file without them leaves defined values
+        self.register_buffer("text_projection", torch.randn(width, config["projection_dim"]) * width**-0.5)
         self.register_buffer("logit_scale", torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def encode_tokens(self, tokens: torch.Tensor, stop_before: int = 0) -> torch.Tensor:
         """tokens [B, N] -> hidden states [B, N, W] after all but the last `stop_before` blocks, then ln_final."""
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]].to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         for block in self.transformer.resblocks[: len(self.transformer.resblocks) - stop_before]:
             x = block(x)
         return self.ln_final(x)
