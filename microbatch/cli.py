@@ -42,6 +42,10 @@ class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults in the help, and the epilog (the sampler list) kept one line per entry."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block) and exit code 2."""
 
@@ -51,7 +55,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser(mode: Mode, description: str) -> argparse.ArgumentParser:
     d = DEFAULTS[mode]
-    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    samplers = "\n".join(f"  {s.name:<13} {s.description} [schedule: {s.default_schedule}]" for s in SAMPLERS.values())
+    p = OneLineParser(description=description, formatter_class=_HelpFormatter, epilog=f"samplers (--sampler NAME):\n{samplers}")
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar", help="the prompt to render")
     p.add_argument("--negative_prompt", type=str, default="", help="replaces the empty prompt of classifier-free guidance")
     p.add_argument("--outdir", type=str, nargs="?", default=d["outdir"], help="dir to write results to")
@@ -62,7 +67,7 @@ def build_parser(mode: Mode, description: str) -> argparse.ArgumentParser:
     p.add_argument("--sampler", type=str, default=None, help="sampler name: " + ", ".join(SAMPLERS) + " (default ddim)")
     p.add_argument("--schedule", type=str, default=None, choices=sorted(SCHEDULES), help="noise schedule (default: the sampler's own; uniform for ddim and plms)")
     p.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
-    p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=0.0, help="eta of DDIM / ancestral samplers (0: deterministic)")
+    p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None, help="noise of DDIM / ancestral / SDE samplers, 0 = deterministic (default: the sampler's own: 0 for ddim, 1 for ancestral and SDE samplers)")
     p.add_argument("--n_iter", type=int, default=d["n_iter"], help="sample this often")
     if mode != "img2img":
         p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
@@ -140,12 +145,14 @@ def check_args(args: argparse.Namespace, mode: Mode) -> None:
         info = get_sampler(args.sampler)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.ddim_eta is None:
+        args.ddim_eta = info.default_eta
+    elif args.ddim_eta != 0 and not info.uses_eta:
+        raise UsageError(f"sampler {args.sampler} is deterministic: --ddim_eta must be 0, got {args.ddim_eta}")
     if not math.isfinite(args.ddim_eta) or args.ddim_eta < 0:
         raise UsageError(f"--ddim_eta must be a finite number >= 0, got {args.ddim_eta}")
     if not math.isfinite(args.scale):
         raise UsageError(f"--scale must be a finite number, got {args.scale}")
-    if args.ddim_eta != 0 and not info.uses_eta:
-        raise UsageError(f"sampler {args.sampler} is deterministic: --ddim_eta must be 0, got {args.ddim_eta}")
     if mode == "img2img":
         if not args.init_img:
             raise UsageError("img2img needs --init-img PATH")

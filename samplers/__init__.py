@@ -6,6 +6,18 @@
 """
 from samplers.compvis import DDIMSampler, PLMSSampler
 from samplers.ddim import sample_ddim
+from samplers.ddpm import sample_ddpm
+from samplers.dpm2 import sample_dpm2
+from samplers.dpmpp_2m import sample_dpmpp_2m
+from samplers.dpmpp_2m_sde import sample_dpmpp_2m_sde
+from samplers.dpmpp_2s_ancestral import sample_dpmpp_2s_ancestral
+from samplers.dpmpp_3m_sde import sample_dpmpp_3m_sde
+from samplers.dpmpp_sde import sample_dpmpp_sde
+from samplers.euler import sample_euler
+from samplers.euler_ancestral import sample_euler_ancestral
+from samplers.heun import sample_heun
+from samplers.lms import sample_lms
+from samplers.unipc import sample_unipc
 from samplers.denoiser import Denoiser, from_vp, to_vp
 from samplers.guidance import GuidedModel
 from samplers.plms import sample_plms
@@ -24,7 +36,19 @@ __all__ = [
     "get_sampler",
     "get_sigmas",
     "sample_ddim",
+    "sample_ddpm",
+    "sample_dpm2",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
+    "sample_dpmpp_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lms",
     "sample_plms",
+    "sample_unipc",
     "sampler_help",
     "to_vp",
 ]
