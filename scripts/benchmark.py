@@ -1,0 +1,972 @@
+"""Benchmark: time and peak memory of our UNet, engine and VAE, side by side with diffusers on the same weights.
+
+Case kinds (every case runs in its own subprocess, so each peak is that case's alone):
+- unet: one guided UNet call (batch [uncond, cond] x images) at a resolution, ours and diffusers'
+  UNet2DConditionModel built from the same weights in the same process, timed alternately (ABBA) so that a
+  shared machine's drift hits both; the ratio is the median of the per-pair ratios.
+- generate: a whole run through our Engine (n_samples images in micro-batches of max_batch_size, steps): time to
+  first image, time per image, peak. Its peer is diffusers' StableDiffusionPipeline on the same weights, fed the
+  same text embeddings, called once per micro-batch.
+- vae: one image's VAE decode at a resolution, whole or tiled (microbatch.vae_tiling), and diffusers' AutoencoderKL
+  whole or with its tiling set to the same tile and overlap; tiled rows report their difference from the whole
+  decode.
+
+Weights: --ckpt (+ --config), or random weights for a config (default: the full-size SD v1 config) built on the
+meta device and filled deterministically (same seed, same weights in every subprocess).
+
+Peak memory (see microbatch.memory.PeakMemory) is the implementation's weights plus what its run allocated above
+the start at the peak: CUDA: torch.cuda.max_memory_allocated; CPU: the CPU allocator's peak from the profiler's
+memory events. rss_peak_mb is the process's peak resident set (ru_maxrss), only for cases that hold one
+implementation.
+
+    python scripts/benchmark.py --cases quick --out bench/
+    python scripts/benchmark.py --config configs/tiny/tiny-v1.yaml --random --cases quick --out /tmp/b
+    python scripts/benchmark.py --ckpt sd-v1-5.safetensors --device cuda --cases full --out bench-h100/
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+V1_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+PROMPT = "a photograph of an astronaut riding a horse"
+
+COLUMNS = [
+    "kind", "impl", "status", "device", "device_name", "resolution", "batch", "rows", "n_samples", "max_batch_size",
+    "steps", "attention", "precision", "offload", "vae_mode", "tile", "overlap", "repeats", "time_s", "time_min_s",
+    "time_per_image_s", "first_image_s", "timing", "time_ratio_vs_diffusers", "peak_mb", "transient_mb", "weights_mb",
+    "rss_peak_mb", "memory_kind", "attn_peak_mb", "score_peak_mb", "score_block_mb", "max_abs_diff", "mean_abs_diff", "diff_vs",
+    "threads", "torch", "diffusers", "seconds_in_case", "error",
+]
+PRECISIONS = ("fp32", "fp16", "bf16", "autocast")
+ATTENTIONS = ("sdpa", "math", "sliced")
+
+
+@dataclass
+class Case:
+    """One subprocess: `impl` is "ours", "diffusers", or "both" (unet kind: both, timed alternately)."""
+
+    kind: str
+    impl: str = "ours"
+    resolution: int = 512
+    batch: int = 1
+    n_samples: int = 1
+    max_batch_size: int = 1
+    steps: int = 1
+    attention: str = "sdpa"
+    precision: str = "fp32"
+    offload: str = "none"
+    vae_mode: str = ""  # vae: whole, tiled or both (one after the other, in this order)
+    tile: int = 0
+    overlap: int = 0
+
+
+@dataclass
+class Context:
+    """What every case shares: the weights' source, the device and the timing protocol."""
+
+    ckpt: Optional[str]
+    config: Optional[str]  # None with a checkpoint: the loader's choice, filled in by build_model
+    device: str
+    repeats: int
+    warmup: int
+    threads: Optional[int]
+    seed: int = 0
+
+
+# -- weights -----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Construct modules with their parameters on the meta device (nothing allocated, no init), buffers real."""
+    import torch
+    from torch import nn
+
+    real = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        real(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = real
+
+
+def fill_random_(module: Any, seed: int = 0, gain: float = 0.5) -> Any:
+    """Materialise meta parameters with deterministic random values: matrices and kernels N(0, gain^2 / fan_in)
+    (activations keep their scale through the residual stacks), norm scales 1, biases N(0, 0.02^2)."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if p is None:
+                continue
+            t = torch.empty(p.shape, dtype=torch.float32)
+            if p.dim() >= 2:
+                t.normal_(0.0, gain / math.sqrt(max(1, p[0].numel())), generator=g)
+            elif name.endswith("weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=g)
+            owner._parameters[name] = nn.Parameter(t, requires_grad=False)
+    return module
+
+
+def _config(ctx: Context) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(ctx.config)
+
+
+def build_model(ctx: Context, part: str = "all") -> Any:
+    """The LatentDiffusion (part "all"), or only its UNet ("unet") or VAE ("vae"), in float32 on the CPU."""
+    import torch
+
+    from ldm.util import instantiate_from_config
+
+    if ctx.ckpt:
+        from microbatch.devices import Dtypes
+        from microbatch.loading import load_model
+
+        f32 = Dtypes(torch.float32, torch.float32, torch.float32)
+        loaded = load_model(Path(ctx.ckpt), Path(ctx.config) if ctx.config else None, torch.device("cpu"), f32)
+        ctx.config = str(loaded.config_path)
+        model = loaded.model
+        return {"all": model, "unet": model.model.diffusion_model, "vae": model.first_stage_model}[part]
+    cfg = _config(ctx).model
+    target = {"all": cfg, "unet": cfg.params.unet_config, "vae": cfg.params.first_stage_config}[part]
+    with params_on_meta():
+        module = instantiate_from_config(target)
+    return fill_random_(module, ctx.seed).requires_grad_(False).eval()
+
+
+def vae_wrapper(vae: Any, scale_factor: float) -> Any:
+    """The part of LatentDiffusion that vae_tiling uses: first_stage_model and the scaled decode / encode."""
+    from torch import nn
+
+    class _VaeOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first_stage_model = vae
+            self.scale_factor = scale_factor
+
+        def decode_first_stage(self, z: Any) -> Any:
+            return self.first_stage_model.decode(z / self.scale_factor)
+
+        def encode_first_stage(self, x: Any) -> Any:
+            return self.first_stage_model.encode(x)
+
+    return _VaeOnly()
+
+
+def _ldm_state_dict(module: Any, prefix: str) -> dict:
+    return {prefix + k: v for k, v in module.state_dict().items()}
+
+
+def diffusers_unet(ctx: Context, unet: Any) -> Any:
+    """diffusers' UNet2DConditionModel holding the same weights as our UNet (converted, not copied)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(_config(ctx), resolve=True)
+    sd = _ldm_state_dict(unet, "model.diffusion_model.")
+    cfg = sfu.create_unet_diffusers_config_from_ldm(container, sd)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**cfg)
+    theirs.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, cfg), strict=True, assign=True)
+    return theirs.requires_grad_(False).eval()
+
+
+def diffusers_vae(ctx: Context, vae: Any) -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(_config(ctx), resolve=True)
+    sd = _ldm_state_dict(vae, "first_stage_model.")
+    cfg = sfu.create_vae_diffusers_config_from_ldm(container, sd)
+    with torch.device("meta"):
+        theirs = AutoencoderKL(**cfg)
+    theirs.load_state_dict(sfu.convert_ldm_vae_checkpoint(sd, cfg), strict=True, assign=True)
+    return theirs.requires_grad_(False).eval()
+
+
+def set_diffusers_attention(module: Any, name: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if name == "sdpa":
+        module.set_attn_processor(AttnProcessor2_0())
+    elif name == "math":
+        module.set_attn_processor(AttnProcessor())
+    elif name == "sliced":
+        module.set_attention_slice("auto")
+    else:
+        raise ValueError(f"unknown attention {name!r}")
+
+
+def dtype_of(precision: str, device: Any) -> Any:
+    """The UNet's dtype for a precision name (autocast: our default choice for the device)."""
+    import torch
+
+    from microbatch.devices import choose_dtypes
+
+    if precision == "autocast":
+        return choose_dtypes("autocast", device).unet
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def dtypes_of(precision: str, device: Any) -> Any:
+    """Per-component dtypes for a generation: the VAE stays float32 on the CPU (half convolutions are slow there)."""
+    import torch
+
+    from microbatch.devices import Dtypes, choose_dtypes
+
+    if precision in ("autocast", "fp32"):
+        return choose_dtypes("autocast" if precision == "autocast" else "full", device)
+    half = dtype_of(precision, device)
+    return Dtypes(half, half, half if device.type != "cpu" else torch.float32)
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: Any) -> tuple[float, Any]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def rss_peak_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def module_bytes(module: Any) -> int:
+    from microbatch.memory import tensor_bytes
+
+    return tensor_bytes(module)
+
+
+class AttentionProbe:
+    """Measures the memory of attention inside a model call, by instrumenting the backend (not the process):
+
+    - per backend call (q, k, v -> out, including the backend's own copies and its output) and
+    - per score block (each `attention_math` call of the math and sliced backends: the float32 scores, the
+      softmax probabilities and the block's output),
+    as the most bytes allocated inside above what was allocated when the call began. On the CPU the calls are
+    profiler ranges read back from PeakMemory's memory events; on CUDA each call resets the peak counter, so a
+    probe runs in a pass of its own and measures one `level` ("call" or "scores"). `score_blocks` also records
+    each block's float32 score size from its shapes.
+    """
+
+    CALL = "attention_backend"
+    SCORES = "attention_scores"
+
+    def __init__(self, model: Any, device: Any, level: str = "call"):
+        self.model = model
+        self.device = device
+        self.level = level
+        self.cuda_peaks: dict[str, list[int]] = {self.CALL: [], self.SCORES: []}
+        self.score_blocks: list[int] = []
+        self._saved: list[tuple[Any, Any]] = []
+
+    def _measured(self, name: str, fn: Callable[[], Any]) -> Any:
+        import torch
+
+        if self.device.type != "cuda":
+            with torch.profiler.record_function(name):
+                return fn()
+        if (name == self.CALL) != (self.level == "call"):
+            return fn()
+        torch.cuda.synchronize(self.device)
+        start = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        out = fn()
+        torch.cuda.synchronize(self.device)
+        self.cuda_peaks[name].append(torch.cuda.max_memory_allocated(self.device) - start)
+        return out
+
+    def peaks(self, name: str, meter: Any) -> list[int]:
+        return self.cuda_peaks[name] if self.device.type == "cuda" else (meter.peaks_within(name) or [])
+
+    def __enter__(self) -> "AttentionProbe":
+        import ldm.modules.attention_backends as ab
+
+        real_math = ab.attention_math
+        probe = self
+
+        def spy(q: Any, k: Any, v: Any) -> Any:
+            self.score_blocks.append(math.prod(q.shape[:-1]) * k.shape[-2] * 4)
+            return self._measured(self.SCORES, lambda: real_math(q, k, v))
+
+        class Probed:
+            def __init__(self, backend: Any):
+                self.backend = backend
+
+            def __call__(self, q: Any, k: Any, v: Any) -> Any:
+                return probe._measured(AttentionProbe.CALL, lambda: self.backend(q, k, v))
+
+        self._real_math = real_math
+        ab.attention_math = spy
+        for module in self.model.modules():
+            backend = getattr(module, "attention", None)
+            if isinstance(backend, ab.AttentionBackend):
+                self._saved.append((module, backend))
+                module.attention = Probed(backend)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import ldm.modules.attention_backends as ab
+
+        ab.attention_math = self._real_math
+        for module, backend in self._saved:
+            module.attention = backend
+
+
+def _row(case: Case, ctx: Context, device: Any, impl: str, **values: Any) -> dict:
+    import torch
+
+    try:
+        import diffusers
+
+        dver = diffusers.__version__
+    except ImportError:
+        dver = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    row = {c: None for c in COLUMNS}
+    row.update(asdict(case))
+    row.update(
+        impl=impl, status="ok", device=str(device), device_name=name, repeats=ctx.repeats, threads=torch.get_num_threads(),
+        torch=torch.__version__, diffusers=dver,
+    )
+    row.update(values)
+    return row
+
+
+def _mb(nbytes: Optional[float]) -> Optional[float]:
+    return None if nbytes is None else round(nbytes / 2**20, 2)
+
+
+# -- case runners ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Impl:
+    """One implementation of a case: `run()` returns (output tensor or None, seconds to the first image or None)."""
+
+    run: Callable[[], tuple[Any, Optional[float]]]
+    weights: int
+    warmup: Optional[Callable[[], Any]] = None
+    probe: Optional[Callable[[], Any]] = None  # context manager around the measured run
+
+
+def measure(impls: dict[str, Impl], ctx: Context, device: Any) -> dict[str, dict]:
+    """One measured run per implementation (peak memory; also the first warm-up), `ctx.warmup` untimed runs, then
+    `repeats` timed rounds that alternate the order (ABBA), so that a shared machine's drift hits every
+    implementation alike. The time ratio ours / diffusers is the median of the per-round ratios."""
+    import torch
+
+    from microbatch.memory import PeakMemory
+
+    stats: dict[str, dict] = {name: {"times": [], "firsts": []} for name in impls}
+    ratios = []
+    with torch.no_grad():
+        for name, impl in impls.items():
+            # On CUDA the probe resets the peak counter per call, so it gets a pass of its own.
+            inline = impl.probe is not None and device.type != "cuda"
+            probe = impl.probe() if inline else contextlib.nullcontext()
+            with probe, PeakMemory(device, impl.weights) as meter:
+                seconds, (out, first) = timed(impl.run, device)
+            if impl.probe is not None and not inline:
+                with impl.probe() as probe:
+                    impl.run()
+                with impl.probe() as scores:
+                    scores.level = "scores"
+                    impl.run()
+                probe.cuda_peaks[AttentionProbe.SCORES] = scores.cuda_peaks[AttentionProbe.SCORES]
+            stats[name].update(meter=meter, probe=probe, output=None if out is None else out.float().cpu(), measured=(seconds, first))
+        # Warm-up after the measured run: the first call after a profiled one is slow (measured: 33 s instead of
+        # 26 s for a 512x512 UNet call on 2 CPU cores), and the measured run has warmed the kernels already.
+        for _ in range(ctx.warmup):
+            for impl in impls.values():
+                (impl.warmup or impl.run)()
+        for r in range(ctx.repeats):
+            order = list(impls) if r % 2 == 0 else list(impls)[::-1]
+            pair = {}
+            for name in order:
+                pair[name], (_, first) = timed(impls[name].run, device)
+                stats[name]["times"].append(pair[name])
+                stats[name]["firsts"].append(first)
+            if len(pair) == 2:
+                ratios.append(pair["ours"] / pair["diffusers"])
+    for name, s in stats.items():
+        s["timing"] = f"median of {len(s['times'])} timed runs"
+        if not s["times"]:  # no timed rounds: the measured run's time
+            s["times"], s["firsts"] = [s["measured"][0]], [s["measured"][1]]
+            s["timing"] = "the measured run" + (" (under the CPU profiler: slower)" if device.type == "cpu" else "")
+        s["ratios"] = ratios if ratios and name == "ours" else None
+        s["ratio"] = statistics.median(ratios) if s["ratios"] else None
+    return stats
+
+
+def rows_from(
+    case: Case, ctx: Context, device: Any, impls: dict[str, Impl], stats: dict[str, dict], per_image: int, rss: bool = True, **common: Any
+) -> list[dict]:
+    """Table rows of measured implementations. The process's peak RSS is reported only when it is the case's own
+    (`rss` and a single implementation in the process)."""
+    rows = []
+    outputs = [s["output"] for s in stats.values() if s["output"] is not None]
+    for name, s in stats.items():
+        meter, median = s["meter"], statistics.median(s["times"])
+        firsts = [f for f in s["firsts"] if f is not None]
+        values = dict(
+            time_s=round(median, 4), time_min_s=round(min(s["times"]), 4), time_per_image_s=round(median / per_image, 4),
+            first_image_s=round(statistics.median(firsts), 4) if firsts else None, timing=s["timing"],
+            times_s=[round(t, 4) for t in s["times"]], ratios=[round(r, 4) for r in s["ratios"]] if s["ratios"] else None,
+            time_ratio_vs_diffusers=None if s["ratio"] is None else round(s["ratio"], 4),
+            # weights + what the run allocated above its start: per implementation even when the peer's weights
+            # share the device (on CUDA the allocator's absolute peak would include them)
+            peak_mb=_mb(impls[name].weights + meter.transient_bytes), transient_mb=_mb(meter.transient_bytes),
+            weights_mb=_mb(impls[name].weights), memory_kind=meter.kind,
+            rss_peak_mb=round(rss_peak_mb(), 1) if rss and device.type == "cpu" and len(impls) == 1 else None,
+        )
+        if len(outputs) == 2 and case.kind != "vae":
+            diff = (outputs[0] - outputs[1]).abs()
+            values.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()), diff_vs="the other implementation")
+        probe = s["probe"]
+        if isinstance(probe, AttentionProbe):
+            calls, scores = probe.peaks(AttentionProbe.CALL, meter), probe.peaks(AttentionProbe.SCORES, meter)
+            values.update(
+                attn_peak_mb=_mb(max(calls)) if calls else None, score_peak_mb=_mb(max(scores)) if scores else None,
+                score_block_mb=_mb(max(probe.score_blocks)) if probe.score_blocks else None,
+            )
+        values.update(common)
+        rows.append(_row(case, ctx, device, name, **values))
+    return rows
+
+
+def wanted(case: Case) -> list[str]:
+    return ["ours", "diffusers"] if case.impl == "both" else [case.impl]
+
+
+def run_unet_case(case: Case, ctx: Context) -> list[dict]:
+    """One guided UNet call: x [2B, 4, r/8, r/8] at t = 500 with a [2B, 77, D] context."""
+    import torch
+
+    from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
+
+    device = torch.device(ctx.device)
+    dtype = dtype_of(case.precision, device)
+    unet = build_model(ctx, "unet")
+    theirs = diffusers_unet(ctx, unet) if "diffusers" in wanted(case) else None
+    g = torch.Generator().manual_seed(ctx.seed + 1)
+    rows, side = 2 * case.batch, case.resolution // 8
+    x = torch.randn(rows, unet.in_channels, side, side, generator=g).to(device, dtype)
+    context = torch.randn(rows, 77, unet.context_dim, generator=g).to(device, dtype)
+    t = torch.full((rows,), 500, device=device)
+    impls: dict[str, Impl] = {}
+    if "ours" in wanted(case):
+        unet.to(device=device, dtype=dtype)
+        set_attention_backend(unet, AttentionBackend(case.attention))
+        impls["ours"] = Impl(lambda: (unet(x, t, context=context), None), module_bytes(unet), probe=lambda: AttentionProbe(unet, device))
+    if theirs is not None:
+        theirs.to(device=device, dtype=dtype)
+        set_diffusers_attention(theirs, case.attention)
+        impls["diffusers"] = Impl(lambda: (theirs(x, t, encoder_hidden_states=context).sample, None), module_bytes(theirs))
+    stats = measure(impls, ctx, device)
+    return rows_from(case, ctx, device, impls, stats, case.batch, rows=rows)
+
+
+def _prompt_embeddings(model: Any, n: int) -> tuple[Any, Any]:
+    import torch
+
+    with torch.no_grad():
+        cond = model.get_learned_conditioning([PROMPT])
+        uncond = model.get_learned_conditioning([""])
+    return cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
+
+
+def run_generate_case(case: Case, ctx: Context) -> list[dict]:
+    """A whole run of n_samples images (`steps` ddim steps, guidance 7.5) in micro-batches of max_batch_size:
+    our Engine, and diffusers' pipeline called once per micro-batch with the same text embeddings."""
+    import torch
+
+    from ldm.modules.attention_backends import AttentionBackend
+    from microbatch.engine import Engine, ImageJob, SamplingSettings
+    from microbatch.memory import tensor_bytes
+    from microbatch.offload import apply_offload
+
+    device = torch.device(ctx.device)
+    dtypes = dtypes_of(case.precision, device)
+    model = build_model(ctx, "all")
+    model.model.to(dtypes.unet)
+    model.cond_stage_model.to(dtypes.text)
+    model.first_stage_model.to(dtypes.vae)
+    model.set_attention(AttentionBackend(case.attention))
+    impls: dict[str, Impl] = {}
+    n, mbs = case.n_samples, case.max_batch_size
+
+    if "diffusers" in wanted(case):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        model.cond_stage_model.to(device)
+        cond, uncond = _prompt_embeddings(model, mbs)
+        unet = diffusers_unet(ctx, model.model.diffusion_model).to(device)
+        # The pipeline hands the VAE latents in the UNet's dtype, so its VAE runs in that dtype too.
+        vae = diffusers_vae(ctx, model.first_stage_model).to(device=device, dtype=dtypes.unet)
+        set_diffusers_attention(unet, case.attention)
+        vae.enable_slicing()  # one image at a time, as our engine decodes
+        scheduler = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+
+        def run_diffusers(count: int = n, steps: int = case.steps) -> tuple[Any, Optional[float]]:
+            start, first, images = time.perf_counter(), None, []
+            for lo in range(0, count, mbs):
+                b = min(mbs, count - lo)
+                generators = [torch.Generator().manual_seed(ctx.seed + lo + i) for i in range(b)]
+                images.append(pipe(
+                    prompt_embeds=cond[:b], negative_prompt_embeds=uncond[:b], num_inference_steps=steps, guidance_scale=7.5,
+                    height=case.resolution, width=case.resolution, generator=generators, output_type="pt",
+                ).images)
+                _sync(device)
+                first = first if first is not None else time.perf_counter() - start
+            return None, first
+
+        impls["diffusers"] = Impl(run_diffusers, module_bytes(unet) + module_bytes(vae), warmup=lambda: run_diffusers(1, 1))
+
+    if "ours" in wanted(case):
+        if case.offload == "none" or apply_offload(model, case.offload, device) is None:
+            model.to(device)
+        engine = Engine(model, device)
+        jobs = [ImageJob(i, PROMPT, ctx.seed + i) for i in range(n)]
+        settings = SamplingSettings(sampler="ddim", steps=case.steps, height=case.resolution, width=case.resolution, max_batch_size=mbs)
+
+        def run_ours(count: int = n, s: Any = settings) -> tuple[Any, Optional[float]]:
+            start, first = time.perf_counter(), []
+            engine.run(jobs[:count], s, lambda batch: first.append(time.perf_counter() - start) if not first else None)
+            return None, first[0]
+
+        warm = dataclasses.replace(settings, steps=1, max_batch_size=1)
+        impls = {"ours": Impl(run_ours, tensor_bytes(model, device), warmup=lambda: run_ours(1, warm)), **impls}
+    stats = measure(impls, ctx, device)
+    return rows_from(case, ctx, device, impls, stats, n, rows=2 * mbs)
+
+
+def run_vae_case(case: Case, ctx: Context) -> list[dict]:
+    """Decode one scaled latent [1, 4, r/8, r/8] whole, then tiled (vae_mode "both", or just one of them); tiled
+    rows report their difference from the whole decode of the same implementation."""
+    import torch
+
+    from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
+    from microbatch.vae_tiling import decode_tiled
+
+    device = torch.device(ctx.device)
+    dtype = dtypes_of(case.precision, device).vae
+    vae = build_model(ctx, "vae")
+    scale = float(_config(ctx).model.params.get("scale_factor", 0.18215))
+    side = case.resolution // 8
+    z = torch.randn(1, vae.embed_dim, side, side, generator=torch.Generator().manual_seed(ctx.seed + 2)).to(device)
+    decoders: dict[str, Callable[[bool], Any]] = {}
+    weights: dict[str, int] = {}
+    if "diffusers" in wanted(case):
+        theirs = diffusers_vae(ctx, vae).to(device=device, dtype=dtype)
+        set_diffusers_attention(theirs, case.attention)
+
+        def decode_theirs(tiled: bool) -> Any:
+            if tiled:
+                theirs.enable_tiling()
+                theirs.tile_latent_min_size, theirs.tile_sample_min_size = case.tile, case.tile * 8
+                theirs.tile_overlap_factor = case.overlap / case.tile
+            else:
+                theirs.disable_tiling()
+            return theirs.decode((z / scale).to(dtype)).sample
+
+        decoders["diffusers"], weights["diffusers"] = decode_theirs, module_bytes(theirs)
+    if "ours" in wanted(case):
+        model = vae_wrapper(vae, scale).to(device=device, dtype=dtype)
+        set_attention_backend(vae, AttentionBackend(case.attention))
+
+        def decode_ours(tiled: bool) -> Any:
+            return decode_tiled(model, z, case.tile, case.overlap) if tiled else model.decode_first_stage(z)
+
+        decoders = {"ours": decode_ours, **decoders}
+        weights["ours"] = module_bytes(vae)
+    modes = ["whole", "tiled"] if case.vae_mode == "both" else [case.vae_mode]
+    rows, wholes = [], {}
+    for mode in modes:
+        impls = {
+            name: Impl(lambda fn=fn, tiled=mode == "tiled": (fn(tiled), None), weights[name]) for name, fn in decoders.items()
+        }
+        stats = measure(impls, ctx, device)
+        for row in rows_from(dataclasses.replace(case, vae_mode=mode), ctx, device, impls, stats, 1, mode == modes[0], rows=1):
+            out = stats[row["impl"]]["output"]
+            if mode == "whole":
+                wholes[row["impl"]] = out
+            else:
+                with torch.no_grad():
+                    reference = wholes[row["impl"]] if row["impl"] in wholes else decoders[row["impl"]](False).float().cpu()
+                diff = (out - reference).abs()
+                row.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()), diff_vs="whole decode, same implementation")
+            rows.append(row)
+    return rows
+
+
+RUNNERS = {"unet": run_unet_case, "generate": run_generate_case, "vae": run_vae_case}
+
+
+def run_case_here(case: Case, ctx: Context) -> list[dict]:
+    import torch
+
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)
+    torch.manual_seed(ctx.seed)
+    start = time.perf_counter()
+    rows = RUNNERS[case.kind](case, ctx)
+    for row in rows:
+        row["seconds_in_case"] = round(time.perf_counter() - start, 2)
+    return rows
+
+
+# -- planning, subprocesses, tables ------------------------------------------------------------------------------
+
+
+def native_resolution(config: str) -> int:
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(config).model.params
+    ddconfig = params.first_stage_config.params.ddconfig
+    return int(params.image_size) * 2 ** (len(ddconfig.ch_mult) - 1)
+
+
+def plan_cases(args: argparse.Namespace, device_type: str, peer: bool) -> list[Case]:
+    """The sweep: preset values, each replaced by the flag given on the command line."""
+    native = native_resolution(args.config or str(V1_CONFIG))
+    quick = args.cases == "quick"
+    half = "fp16" if device_type == "cuda" else "bf16"
+    resolutions = args.resolutions or ([native] if quick else [native, 768, 1024])
+    attentions = args.attention or (["sdpa"] if quick else list(ATTENTIONS))
+    precisions = args.precision or (["fp32"] if quick else ["fp32", half])
+    unet_batches = args.batch or ([1] if quick else [1, 2, 4, 8])
+    n_samples = args.n_samples or ([2] if quick else [1, 4, 8])
+    max_batch_sizes = args.max_batch_size or ([1, 2] if quick else [1, 2, 4, 8])
+    offloads = args.offload or (["none"] if quick or device_type != "cuda" else ["none", "model", "sequential"])
+    steps = args.steps or (2 if quick else 20)
+    vae_resolutions = args.vae_resolutions or ([2 * native] if quick else [native, 2 * native, 4 * native])
+    kinds = args.kinds or ["unet", "generate", "vae"]
+    impl = "both" if peer else "ours"
+    cases: list[Case] = []
+    if "unet" in kinds:
+        for r in resolutions:
+            for p in precisions:
+                for a in attentions:
+                    for b in unet_batches:
+                        cases.append(Case("unet", impl, r, batch=b, attention=a, precision=p))
+    if "generate" in kinds:
+        for r in resolutions:
+            for p in precisions:
+                for n in n_samples:
+                    for m in max_batch_sizes:
+                        if m > n:
+                            continue
+                        for o in offloads:
+                            cases.append(Case("generate", impl if o == "none" else "ours", r, n_samples=n, max_batch_size=m, steps=steps, attention=attentions[0], precision=p, offload=o))
+    if "vae" in kinds:
+        for r in vae_resolutions:
+            latent = r // 8
+            tile = args.vae_tile or (64 if latent > 64 else max(2, latent // 2))
+            overlap = args.vae_overlap if args.vae_overlap is not None else tile // 4
+            cases.append(Case("vae", impl, r, attention=attentions[0], precision=precisions[0], vae_mode="both", tile=tile, overlap=overlap))
+    return cases
+
+
+def run_case_subprocess(case: Case, ctx: Context, out: Path, index: int, timeout: Optional[float]) -> list[dict]:
+    spec = out / "cases" / f"{index:03d}.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    result = spec.with_suffix(".rows.json")
+    spec.write_text(json.dumps({"case": asdict(case), "context": asdict(ctx)}))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-case", str(spec), "--case-out", str(result)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
+        status = "ok" if proc.returncode == 0 else "error"
+        (out / "cases" / f"{index:03d}.log").write_text(proc.stdout + proc.stderr)
+    except subprocess.TimeoutExpired:
+        error, status = f"timed out after {timeout} s", "timeout"
+    if status == "ok" and result.is_file():
+        return json.loads(result.read_text())
+    row = {c: None for c in COLUMNS}
+    row.update(asdict(case), status=status, error=error, seconds_in_case=round(time.perf_counter() - start, 2))
+    return [row]
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# -- plots -------------------------------------------------------------------------------------------------------
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+
+
+def plot_pil(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]]) -> None:
+    """A line plot with PIL only: x values as evenly spaced categories (batch sizes, resolutions), y linear from 0."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height, left, right, top, bottom = 900, 560, 80, 260, 50, 60
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    xs = sorted({x for pts in series.values() for x, _ in pts})
+    ys = [y for pts in series.values() for _, y in pts]
+    ticks = _nice_ticks(0.0, max(ys) if ys else 1.0)
+    y_max = ticks[-1]
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (plot_w / 2 if len(xs) == 1 else plot_w * xs.index(x) / (len(xs) - 1))
+
+    def py(y: float) -> float:
+        return top + plot_h * (1 - y / y_max)
+
+    draw.text((left, 15), title, fill="black", font=font)
+    draw.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    for t in ticks:
+        draw.line([(left - 4, py(t)), (left + plot_w, py(t))], fill=(225, 225, 225))
+        draw.text((8, py(t) - 6), f"{t:g}", fill="black", font=font)
+    for x in xs:
+        draw.line([(px(x), top + plot_h), (px(x), top + plot_h + 4)], fill="black")
+        draw.text((px(x) - 6, top + plot_h + 8), f"{x:g}", fill="black", font=font)
+    draw.text((left + plot_w / 2 - 30, height - 22), xlabel, fill="black", font=font)
+    draw.text((8, top - 20), ylabel, fill="black", font=font)
+    for i, (label, pts) in enumerate(sorted(series.items())):
+        color = PALETTE[i % len(PALETTE)]
+        pts = sorted(pts)
+        coords = [(px(x), py(y)) for x, y in pts]
+        if len(coords) > 1:
+            draw.line(coords, fill=color, width=2)
+        for cx, cy in coords:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+        ly = top + 14 * i
+        draw.line([(width - right + 12, ly + 6), (width - right + 32, ly + 6)], fill=color, width=3)
+        draw.text((width - right + 38, ly), label[:36], fill="black", font=font)
+    img.save(path)
+
+
+def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[tuple[float, float]]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plot_pil(path, title, xlabel, ylabel, series)
+        return
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for label, pts in sorted(series.items()):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def make_plots(rows: list[dict], out: Path) -> list[Path]:
+    """Peak memory and time per image against batch size (unet: images per call; generate: max_batch_size), and
+    the VAE's against resolution. One line per implementation and setting."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    made = []
+    specs = [
+        ("unet", "batch", lambda r: f"{r['impl']} {r['resolution']}px {r['attention']} {r['precision']}", "images per UNet call"),
+        ("generate", "max_batch_size", lambda r: f"{r['impl']} n={r['n_samples']} {r['resolution']}px {r['precision']} off={r['offload']}", "max_batch_size"),
+        ("vae", "resolution", lambda r: f"{r['impl']} {r['vae_mode']} {r['precision']}", "resolution (px)"),
+    ]
+    for kind, xkey, label, xlabel in specs:
+        subset = [r for r in ok if r["kind"] == kind]
+        if not subset:
+            continue
+        for ykey, ylabel, name in (("peak_mb", "peak memory (MB)", "peak_memory"), ("time_per_image_s", "time per image (s)", "time_per_image")):
+            series: dict[str, list[tuple[float, float]]] = {}
+            for r in subset:
+                if r.get(ykey) is not None:
+                    series.setdefault(label(r), []).append((float(r[xkey]), float(r[ykey])))
+            if series:
+                path = out / f"{kind}_{name}.png"
+                plot(path, f"{kind}: {ylabel} on {subset[0]['device']}", xlabel, ylabel, series)
+                made.append(path)
+    return made
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v for v in text.split(",") if v]
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad)} not in {', '.join(choices)}")
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Time and peak memory of our UNet, engine and VAE against diffusers on the same weights.")
+    p.add_argument("--ckpt", type=str, default=None, help="checkpoint (.ckpt / .safetensors); default: random weights")
+    p.add_argument("--config", type=str, default=None, help="model yaml (default: the full-size SD v1 config)")
+    p.add_argument("--random", action="store_true", help="random weights for --config (the default without --ckpt)")
+    p.add_argument("--cases", choices=["quick", "full"], default="quick", help="preset sweep; the flags below replace its values")
+    p.add_argument("--kinds", type=_names(("unet", "generate", "vae")), default=None, help="comma list of unet, generate, vae")
+    p.add_argument("--resolutions", type=_ints, default=None, help="comma list of image sides in pixels (unet, generate)")
+    p.add_argument("--batch", type=_ints, default=None, help="unet: images per guided call (2 rows each)")
+    p.add_argument("--n_samples", type=_ints, default=None, help="generate: images per run")
+    p.add_argument("--max_batch_size", type=_ints, default=None, help="generate: images per micro-batch")
+    p.add_argument("--steps", type=int, default=None, help="generate: sampling steps")
+    p.add_argument("--attention", type=_names(ATTENTIONS), default=None, help="comma list of sdpa, math, sliced")
+    p.add_argument("--precision", type=_names(PRECISIONS), default=None, help="comma list of fp32, fp16, bf16, autocast")
+    p.add_argument("--offload", type=_names(("none", "model", "sequential")), default=None, help="generate: comma list of offload modes")
+    p.add_argument("--vae_resolutions", type=_ints, default=None, help="vae: image sides in pixels")
+    p.add_argument("--vae_tile", type=int, default=None, help="vae: tile side in latents (default 64, or half the latent when smaller)")
+    p.add_argument("--vae_overlap", type=int, default=None, help="vae: overlap in latents (default tile / 4)")
+    p.add_argument("--no_diffusers", action="store_true", help="skip the diffusers peers")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--repeats", type=int, default=2, help="timed repetitions after the measured (memory) run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the measured run")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each case (default: torch's)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=str, default="outputs/benchmark", help="folder for results.csv, results.json and the plots")
+    p.add_argument("--append", action="store_true", help="add to the results already in --out instead of replacing them")
+    p.add_argument("--dry_run", action="store_true", help="print the planned cases and exit")
+    p.add_argument("--run-case", dest="run_case", type=str, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--case-out", dest="case_out", type=str, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.run_case:
+        spec = json.loads(Path(args.run_case).read_text())
+        rows = run_case_here(Case(**spec["case"]), Context(**spec["context"]))
+        Path(args.case_out).write_text(json.dumps(rows))
+        return 0
+    from microbatch.devices import parse_device
+
+    if args.ckpt and not Path(args.ckpt).is_file():
+        print(f"error: checkpoint not found: {args.ckpt}", file=sys.stderr)
+        return 2
+    if args.ckpt and args.random:
+        print("error: --random and --ckpt exclude each other", file=sys.stderr)
+        return 2
+    if args.config is None and not args.ckpt:
+        args.config = str(V1_CONFIG)
+    if args.config is not None and not Path(args.config).is_file():
+        print(f"error: config not found: {args.config}", file=sys.stderr)
+        return 2
+    if args.repeats < 0 or args.warmup < 0:
+        print("error: --repeats and --warmup must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        device = parse_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        import diffusers  # noqa: F401
+
+        peer = not args.no_diffusers
+    except ImportError:
+        peer = False
+    cases = plan_cases(args, device.type, peer)
+    config = str(Path(args.config).resolve()) if args.config else None
+    ctx = Context(args.ckpt, config, str(device), args.repeats, args.warmup, args.threads, args.seed)
+    out = Path(args.out)
+    print(f"{len(cases)} cases on {device} ({'random weights' if not args.ckpt else args.ckpt}, {args.config})")
+    if args.dry_run:
+        for case in cases:
+            print(" ", asdict(case))
+        return 0
+    rows: list[dict] = []
+    if args.append and (out / "results.json").is_file():
+        rows = json.loads((out / "results.json").read_text())
+    first_index = len(list((out / "cases").glob("[0-9][0-9][0-9].json"))) if args.append else 0
+    for i, case in enumerate(cases):
+        start = time.perf_counter()
+        new = run_case_subprocess(case, ctx, out, first_index + i, args.timeout)
+        rows.extend(new)
+        write_tables(rows, out)
+        summary = "; ".join(
+            f"{r['impl']}: {r['status']} time {r.get('time_s')} s peak {r.get('peak_mb')} MB" + (f" ({r['error']})" if r.get("error") else "")
+            for r in new
+        )
+        print(f"[{i + 1}/{len(cases)}] {case.kind} {case.resolution}px {case.attention} {case.precision} "
+              f"b={case.batch} n={case.n_samples} mbs={case.max_batch_size} {case.vae_mode}: {summary} ({time.perf_counter() - start:.0f} s)", flush=True)
+    plots = make_plots(rows, out)
+    print(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {len(plots)} plots")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""scripts/benchmark.py end to end on the tiny config (quick mode), and its planning and weight-building helpers."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.script_utils import REPO
+
+TINY = str(REPO / "configs" / "tiny" / "tiny-v1.yaml")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # Registered in sys.modules while loaded: the script's dataclasses look their module up there.
+    name = "script_benchmark"
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_quick_benchmark_on_the_tiny_config_writes_tables_and_plots(bench, tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "bench"
+    argv = ["--config", TINY, "--random", "--cases", "quick", "--out", str(out), "--device", "cpu",
+            "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert bench.main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.COLUMNS
+        table = list(reader)
+    assert len(table) == len(rows) == 10  # unet (2 impls), generate x 2 max_batch_size (2 impls), vae whole + tiled (2 impls)
+    assert all(set(bench.COLUMNS) <= set(r) for r in rows)  # JSON rows also list every timed run (times_s)
+    assert all(r["status"] == "ok" and r["device"] == "cpu" for r in rows)
+    by = {(r["kind"], r["impl"], r["max_batch_size"], r["vae_mode"]): r for r in rows}
+    ours, theirs = by[("unet", "ours", 1, "")], by[("unet", "diffusers", 1, "")]
+    assert ours["resolution"] == 64 and ours["rows"] == 2 and ours["time_ratio_vs_diffusers"] > 0
+    assert ours["max_abs_diff"] < 1e-4  # same weights, same inputs
+    assert ours["peak_mb"] >= ours["weights_mb"] > 0 and ours["attn_peak_mb"] > 0
+    assert theirs["weights_mb"] == pytest.approx(ours["weights_mb"], rel=0.01)
+    for mbs in (1, 2):
+        g = by[("generate", "ours", mbs, "")]
+        assert g["n_samples"] == 2 and 0 < g["first_image_s"] <= g["time_s"] and g["time_per_image_s"] > 0
+        assert by[("generate", "diffusers", mbs, "")]["peak_mb"] > 0
+    whole, tiled = by[("vae", "ours", 1, "whole")], by[("vae", "ours", 1, "tiled")]
+    assert tiled["tile"] == 8 and tiled["resolution"] == 128 and tiled["max_abs_diff"] is not None
+    assert tiled["transient_mb"] < whole["transient_mb"]  # tiles of 64 px instead of the whole 128 px
+    for name in ("unet", "generate", "vae"):
+        for what in ("peak_memory", "time_per_image"):
+            path = out / f"{name}_{what}.png"
+            assert path.is_file() and Image.open(path).size[0] > 100
+
+
+def test_plan_is_ready_for_gpus(bench):
+    args = bench.build_parser().parse_args(["--cases", "full"])
+    cases = bench.plan_cases(args, "cuda", peer=True)
+    kinds = {c.kind for c in cases}
+    assert kinds == {"unet", "generate", "vae"}
+    assert {c.precision for c in cases} == {"fp32", "fp16"}
+    assert {c.offload for c in cases if c.kind == "generate"} == {"none", "model", "sequential"}
+    assert all(c.impl == "ours" for c in cases if c.offload != "none")
+    assert {c.attention for c in cases if c.kind == "unet"} == {"sdpa", "math", "sliced"}
+    assert all(c.max_batch_size <= c.n_samples for c in cases if c.kind == "generate")
+    cpu = bench.plan_cases(bench.build_parser().parse_args(["--cases", "full"]), "cpu", peer=False)
+    assert {c.precision for c in cpu} == {"fp32", "bf16"} and {c.offload for c in cpu if c.kind == "generate"} == {"none"}
+    assert all(c.impl == "ours" for c in cpu)
+
+
+def test_random_weights_are_deterministic_and_materialised(bench):
+    ctx = bench.Context(None, TINY, "cpu", 0, 0, None, seed=3)
+    a, b = bench.build_model(ctx, "unet"), bench.build_model(ctx, "unet")
+    assert all(p.device.type == "cpu" for p in a.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    other = bench.build_model(bench.Context(None, TINY, "cpu", 0, 0, None, seed=4), "unet")
+    assert not torch.equal(next(a.parameters()), next(other.parameters()))
+    full = bench.build_model(ctx, "all")  # buffers (the schedule) stay real
+    assert full.alphas_cumprod.device.type == "cpu" and 0 < float(full.alphas_cumprod[-1]) < 1
+
+
+def test_pil_plot(bench, tmp_path):
+    path = tmp_path / "p.png"
+    bench.plot_pil(path, "t", "x", "y", {"a": [(1, 2.0), (2, 3.5), (4, 1.0)], "b": [(1, 0.5)]})
+    image = Image.open(path).convert("RGB")
+    colours = {image.getpixel((x, y)) for x in range(0, image.width, 3) for y in range(0, image.height, 3)}
+    assert tuple(bench.PALETTE[0]) in colours and tuple(bench.PALETTE[1]) in colours
+
+
+def test_bad_arguments(bench, tmp_path, capsys):
+    assert bench.main(["--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+    assert bench.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--attention", "flash9"])
+    assert "not found" in capsys.readouterr().err
