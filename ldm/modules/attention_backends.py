@@ -30,8 +30,11 @@ BACKENDS = ("auto", "math", "sdpa", "sliced")
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v with float32 scores; shapes [B, h, N, d]."""
     scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    # In place (inference only): one score matrix alive instead of three (product, scaled, probabilities).
+    scores.mul_(scale)
+    torch.softmax(scores, dim=-1, out=scores)
+    return torch.matmul(scores.to(v.dtype), v)
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -55,17 +58,20 @@ class AttentionBackend:
         return self._sliced(q, k, v)
 
     def _sliced(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Slices are views of q, k, v as they come ([B, h, N, d], usually transposed from [B, N, h, d]): reshaping
+        # them to [B*h, N, d] first would copy all three. The output is written in [B, N, h, d] order, so the
+        # caller's transpose back to [B, N, h*d] is a view too.
         b, h, nq, d = q.shape
         nk = k.shape[2]
-        q, k, v = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))
-        rows = b * h if self.slice_size is None else max(1, min(self.slice_size, b * h))
-        # Query chunk so that rows x chunk x nk float32 scores stay under the budget.
-        chunk = max(1, min(nq, self.max_score_bytes // max(1, rows * nk * 4)))
-        out = torch.empty(b * h, nq, v.shape[-1], dtype=v.dtype, device=v.device)
-        for r in range(0, b * h, rows):
-            for c in range(0, nq, chunk):
-                out[r : r + rows, c : c + chunk] = attention_math(q[r : r + rows, c : c + chunk], k[r : r + rows], v[r : r + rows])
-        return out.reshape(b, h, nq, v.shape[-1])
+        heads = h if self.slice_size is None else max(1, min(self.slice_size, h))
+        # Query chunk so that heads x chunk x nk float32 scores stay under the budget.
+        chunk = max(1, min(nq, self.max_score_bytes // max(1, heads * nk * 4)))
+        out = torch.empty(b, nq, h, v.shape[-1], dtype=v.dtype, device=v.device).transpose(1, 2)
+        for i in range(b):
+            for r in range(0, h, heads):
+                for c in range(0, nq, chunk):
+                    out[i, r : r + heads, c : c + chunk] = attention_math(q[i, r : r + heads, c : c + chunk], k[i, r : r + heads], v[i, r : r + heads])
+        return out
 
 
 def resolve_backend(
@@ -74,7 +80,7 @@ def resolve_backend(
     """Turn the user's choice into a backend.
 
     name: auto | math | sdpa | sliced. slicing: None, "auto", "max" or a number of (batch x heads) rows per slice;
-    any slicing choice implies the sliced backend. "auto" picks sdpa (it uses flash / memory-efficient kernels where
+    any slicing choice implies the sliced backend; N counts heads of one image per slice. "auto" picks sdpa (it uses flash / memory-efficient kernels where
     the device has them and never materialises the full score matrix on CUDA).
     """
     if name not in BACKENDS:

@@ -22,7 +22,8 @@ def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)  # swish
+    # swish, x * sigmoid(x), as one fused kernel: no sigmoid map is materialised at full resolution
+    return F.silu(x)
 
 
 class Upsample(nn.Module):
