@@ -24,7 +24,10 @@ from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
 from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings
 from microbatch.images import load_init_image, next_number, save_grid, save_png_atomic, to_uint8
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
+from microbatch.memory import choose_batch_size, measure_memory_model, memory_budget
 from microbatch.metrics import RunMetrics
+from microbatch.offload import apply_offload
+from microbatch.vae_tiling import TileSettings, encode_tiled
 from samplers import SAMPLERS, SCHEDULES, get_sampler
 
 logger = logging.getLogger(__name__)
@@ -83,7 +86,12 @@ def build_parser(mode: Mode, description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="seed of image 0; image i uses seed + i")
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast", help="autocast: half precision where it is safe and fast; full: float32")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--max_batch_size", type=int, default=None, help="most images per UNet micro-batch (default: n_samples)")
+    p.add_argument("--max_batch_size", type=str, default=None, help="most images per UNet micro-batch, or auto: the largest that fits the device's free memory (or --max_memory), from a measured memory model (default: n_samples)")
+    p.add_argument("--max_memory", type=float, default=None, help="with --max_batch_size auto: the peak memory to stay under, in GB (weights included)")
+    p.add_argument("--vae_tiling", type=str, default="auto", choices=["auto", "on", "off"], help="decode (and encode) through the VAE in overlapping, blended tiles; auto: for latents above 128 (images above 1024 px)")
+    p.add_argument("--vae_tile", type=int, default=64, help="VAE tile side in latents (x f pixels)")
+    p.add_argument("--vae_tile_overlap", type=int, default=16, help="overlap of neighbouring VAE tiles in latents")
+    p.add_argument("--offload", type=str, default="none", choices=["none", "model", "sequential"], help="GPU memory saving: model keeps only the component in use on the GPU; sequential streams the UNet's blocks one at a time (no-ops on CPU)")
     p.add_argument("--split_guidance", action="store_true", help="run the unconditional and conditional halves of guidance as separate UNet calls")
     p.add_argument("--attention", type=str, default="auto", choices=list(BACKENDS), help="attention kernel")
     p.add_argument("--attention_slicing", type=str, default=None, help="auto, max or N: compute attention in slices (implies --attention sliced)")
@@ -132,8 +140,19 @@ def check_args(args: argparse.Namespace, mode: Mode) -> None:
     for name in ("n_samples", "n_iter", "ddim_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.max_batch_size is not None and args.max_batch_size < 1:
-        raise UsageError(f"--max_batch_size must be a positive integer, got {args.max_batch_size}")
+    if args.max_batch_size is not None and args.max_batch_size != "auto":
+        try:
+            args.max_batch_size = int(args.max_batch_size)
+        except ValueError:
+            raise UsageError(f"--max_batch_size must be a positive integer or auto, got {args.max_batch_size!r}") from None
+        if args.max_batch_size < 1:
+            raise UsageError(f"--max_batch_size must be a positive integer or auto, got {args.max_batch_size}")
+    if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
+        raise UsageError(f"--max_memory must be a positive number of GB, got {args.max_memory}")
+    try:
+        args.tile_settings = TileSettings(args.vae_tiling, args.vae_tile, args.vae_tile_overlap)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.n_rows < 0:
         raise UsageError(f"--n_rows must be 0 (= n_samples) or positive, got {args.n_rows}")
     if args.C < 1 or args.f < 1:
@@ -234,7 +253,7 @@ def make_plan(args: argparse.Namespace, mode: Mode, height: int, width: int) -> 
         width=width,
         channels=args.C,
         factor=args.f,
-        max_batch_size=args.max_batch_size or args.n_samples,
+        max_batch_size=args.max_batch_size if isinstance(args.max_batch_size, int) else args.n_samples,
         split_guidance=args.split_guidance,
         strength=getattr(args, "strength", None),
     )
@@ -300,11 +319,14 @@ def prepare(args: argparse.Namespace, mode: Mode) -> Session:
     dtypes = choose_dtypes(args.precision, device)
     attention = resolve_backend(args.attention, args.attention_slicing, device)
     ckpt, is_demo = resolve_checkpoint(args)
+    offload = args.offload != "none" and device.type != "cpu"
     loaded = load_model(
-        ckpt, Path(args.config) if args.config else None, device, dtypes, attention,
+        ckpt, Path(args.config) if args.config else None, torch.device("cpu") if offload else device, dtypes, attention,
         use_ema=True if args.use_ema else None, is_demo=is_demo, parameterization=args.parameterization,
     )
     model = loaded.model
+    if offload:
+        apply_offload(model, args.offload, device)
     logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
     vae_factor = 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
     if args.f != vae_factor or args.C != model.channels:
@@ -318,14 +340,35 @@ def encode_init_image(session: Session, engine: Engine, path: str) -> tuple[int,
     init, (w0, h0), (width, height) = load_init_image(Path(path), multiple)
     if (w0, h0) != (width, height):
         print(f"note: init image {w0}x{h0} resized to {width}x{height} (a multiple of {multiple})")
+    tiles = engine.vae_tiling
+    f = session.args.f
     with torch.no_grad():
-        engine.init_posterior = session.model.encode_first_stage(init.to(session.device))
+        if tiles is not None and tiles.applies(height // f, width // f):
+            engine.init_posterior = encode_tiled(session.model, init.to(session.device), tiles.tile, tiles.overlap, tiles.blend)
+        else:
+            engine.init_posterior = session.model.encode_first_stage(init.to(session.device))
     return height, width
+
+
+def make_engine(session: Session) -> Engine:
+    return Engine(session.model, session.device, vae_tiling=session.args.tile_settings)
+
+
+def choose_auto_batch_size(session: Session, engine: Engine, plan: Plan) -> None:
+    """--max_batch_size auto: measure the memory model on the real engine and pick the largest fitting B."""
+    args = session.args
+    if args.max_batch_size != "auto" or len(plan.jobs) < 2:
+        return
+    model = measure_memory_model(engine, plan.settings, plan.jobs[:2])
+    budget = memory_budget(session.device, session.model, args.max_memory)
+    plan.settings.max_batch_size = choose_batch_size(model, budget, min(len(plan.jobs), args.n_samples))
+    print(f"--max_batch_size auto: {plan.settings.max_batch_size} images per micro-batch for a budget of {budget / 2**30:.2f} GB ({model.describe()})")
 
 
 def execute(session: Session, engine: Engine, plan: Plan) -> int:
     """Run the plan through the engine, saving every micro-batch as soon as it is done; print the metrics."""
     args, device, loaded = session.args, session.device, session.loaded
+    choose_auto_batch_size(session, engine, plan)
     outdir = Path(args.outdir)
     sample_path = outdir / "samples"
     settings = plan.settings
@@ -473,7 +516,7 @@ def run(args: argparse.Namespace, mode: Mode) -> int:
     expected = getattr(args, "expected_model_hash", None)
     if expected and expected != session.loaded.model_hash:
         print(f"note: {args.from_png} was made with model hash {expected}; this checkpoint's is {session.loaded.model_hash}")
-    engine = Engine(session.model, session.device)
+    engine = make_engine(session)
     if mode == "img2img":
         height, width = encode_init_image(session, engine, args.init_img)
     else:

@@ -20,6 +20,7 @@ import torch
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from microbatch.devices import empty_cache, is_out_of_memory
+from microbatch.vae_tiling import TileSettings, decode_tiled
 from samplers import Denoiser, GuidedModel, get_sampler, get_sigmas, to_vp
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class Engine:
     concat_latents: Optional[torch.Tensor] = None
     # Latent blending for inpainting with an ordinary model: keep_mask [1, 1, h, w] (1 = keep the init latent).
     keep_mask: Optional[torch.Tensor] = None
+    # Tiled VAE decoding (None: always whole), see microbatch.vae_tiling.
+    vae_tiling: Optional[TileSettings] = None
     _cond_cache: dict = field(default_factory=dict)
     _warned_vae: bool = False
 
@@ -138,14 +141,20 @@ class Engine:
 
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = self.model.decode_first_stage(z)
+            x = self._vae_decode(z)
             if self.vae_fallback and x.dtype != torch.float32 and not torch.isfinite(x).all():
                 if not self._warned_vae:
                     logger.warning("half-precision VAE decode overflowed (NaN/inf); decoding in float32 from now on")
                     self._warned_vae = True
                 self.model.first_stage_model.float()
-                x = self.model.decode_first_stage(z.float())
+                x = self._vae_decode(z.float())
         return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0).cpu()
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        t = self.vae_tiling
+        if t is not None and t.applies(*z.shape[-2:]):
+            return decode_tiled(self.model, z, t.tile, t.overlap, t.blend)
+        return self.model.decode_first_stage(z)
 
     # -- sampling --
     def sample_batch(self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_index: int = 0) -> torch.Tensor:

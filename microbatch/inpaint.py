@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         print(note)
     if not mask.any():
         print("note: the mask has no white pixels: nothing to repaint")
-    engine = CroppingEngine(session.model, session.device)
+    engine = CroppingEngine(session.model, session.device, vae_tiling=session.args.tile_settings)
     engine.crop = (h, w)
     how = setup_inpainting(session, engine, image, mask)
     if how == "blend":

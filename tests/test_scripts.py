@@ -84,3 +84,24 @@ def test_script_runs_as_a_subprocess_with_the_yaml_beside_the_checkpoint(tmp_pat
     assert result.returncode == 0, result.stderr
     assert "the yaml beside the checkpoint" in result.stderr
     assert pngs(tmp_path / "outputs" / "txt2img-samples" / "samples") == ["00000.png", "00001.png"]
+
+
+def test_memory_flags_end_to_end(tmp_path, monkeypatch, tiny_ckpt, capsys):
+    """--max_batch_size auto measures and picks a size within the budget; --vae_tiling on decodes in tiles;
+    --offload is accepted (a no-op on the CPU)."""
+    monkeypatch.chdir(tmp_path)
+    batch_gen = load_script("batch_gen")
+    base = ["--prompt", "a cat", "--W", "64", "--H", "64", "--ckpt", str(tiny_ckpt), *TINY, *FAST]
+    assert batch_gen.main(base + ["--n_samples", "3", "--max_batch_size", "auto", "--max_memory", "4", "--metrics_json", "m.json"]) == 0
+    out = capsys.readouterr().out
+    assert "--max_batch_size auto: 3 images per micro-batch" in out
+    assert json.loads((tmp_path / "m.json").read_text())["settings"]["max_batch_size"] == 3
+    import microbatch.vae_tiling as vt
+
+    calls = []
+    real = vt.decode_tiled
+    monkeypatch.setattr("microbatch.engine.decode_tiled", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    assert batch_gen.main(base + ["--n_samples", "1", "--vae_tiling", "on", "--vae_tile", "4", "--vae_tile_overlap", "2", "--offload", "model", "--outdir", "t"]) == 0
+    assert calls and (tmp_path / "t" / "samples" / "00000.png").is_file()
+    assert batch_gen.main(base + ["--max_batch_size", "lots"]) == 2
+    assert "--max_batch_size must be a positive integer or auto" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """A picklable attention strategy. For "sliced": `slice_size` bounds the (batch x heads) rows per chunk and
+    """A picklable attention strategy. For "sliced": `slice_size` bounds the heads of one image per chunk and
     `max_score_bytes` bounds one chunk's float32 score matrix (queries are chunked to fit)."""
 
     name: Literal["math", "sdpa", "sliced"] = "sdpa"
