@@ -39,5 +39,5 @@ setup(
         "pillow>=9.0",
         "regex",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy"]},
 )
