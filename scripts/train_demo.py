@@ -40,20 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the UNet stage from WORKDIR/unet-state.pt")
     p.add_argument("--log_every", type=int, default=d["log_every"].default)
     p.add_argument("--snapshot_every", type=int, default=d["snapshot_every"].default, help="UNet steps between resumable snapshots")
+    p.add_argument("--finetune_decoder", type=Path, default=None, metavar="CKPT", help="stage d only: fine-tune the VAE decoder of a finished demo checkpoint (encoder and UNet fixed) and write it to --out")
+    p.add_argument("--decoder_steps", type=int, default=400, help="steps of stage d")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # Must precede torch's OpenMP start-up to take effect (it does when this runs as a script).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from microbatch.demo.train import TrainSettings, train
+    from microbatch.demo.train import TrainSettings, finetune_decoder, train
 
     args = build_parser().parse_args(argv)
+    if args.finetune_decoder is not None:
+        if not args.finetune_decoder.is_file():
+            print(f"error: --finetune_decoder {args.finetune_decoder} not found", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+        report = finetune_decoder(args.finetune_decoder, args.out / "demo-shapes.safetensors", args.decoder_steps, seed=args.seed, threads=args.threads)
+        print(f"decoder fine-tuned: held-out {report}")
+        return 0
     if args.ae_from is not None and not args.ae_from.is_file():
         print(f"error: --ae_from {args.ae_from} not found", file=sys.stderr)
         return 2
     try:
-        settings = TrainSettings(**{k: v for k, v in vars(args).items()})
+        settings = TrainSettings(**{k: v for k, v in vars(args).items() if k not in ("finetune_decoder", "decoder_steps")})
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -483,7 +483,7 @@ def finetune_decoder(checkpoint: Path, out: Path, steps: int, batch: int = 16, l
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            logger.info("decoder step %d/%d  l1 %.4f  %.0f s", step + 1, steps, float(loss), time.perf_counter() - start)
+            logger.info("decoder step %d/%d  l1 %.4f  %.0f s", step + 1, steps, float(loss.detach()), time.perf_counter() - start)
     ae.decoder.eval()
     report = reconstruction_report(ae, TrainSettings(seed=seed))
     logger.info("decoder fine-tune held-out: %s", report)
