@@ -27,6 +27,14 @@ def ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float,
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
+def check_eta(name: str, eta: float, noise: Optional[NoiseFn]) -> None:
+    """The stochastic samplers' argument checks: eta >= 0, and a noise function whenever eta > 0."""
+    if eta < 0.0:
+        raise ValueError(f"{name}: eta must be >= 0, got {eta}")
+    if eta != 0.0 and noise is None:
+        raise ValueError(f"{name} with eta > 0 needs a noise function")
+
+
 @torch.no_grad()
 def sample_ddim(
     denoiser: Denoiser,

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from samplers.ddim import Callback, NoiseFn
+from samplers.ddim import Callback, NoiseFn, check_eta
 from samplers.denoiser import Denoiser
 
 
@@ -37,10 +37,7 @@ def sample_dpmpp_2m_sde(
 ) -> torch.Tensor:
     """Run DPM-Solver++(2M) SDE from x at sigmas[0] down to sigmas[-1]; x [B, C, h, w] in sigma-space scaling.
     noise(x) -> standard normal like x is needed when eta > 0; s_noise scales the noise."""
-    if eta < 0.0:
-        raise ValueError(f"dpmpp_2m_sde: eta must be >= 0, got {eta}")
-    if eta != 0.0 and noise is None:
-        raise ValueError("dpmpp_2m_sde with eta > 0 needs a noise function")
+    check_eta("dpmpp_2m_sde", eta, noise)
     old_denoised: Optional[torch.Tensor] = None
     h_last = 0.0
     for i in range(len(sigmas) - 1):

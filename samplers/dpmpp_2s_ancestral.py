@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from samplers.ddim import Callback, NoiseFn, ancestral_split
+from samplers.ddim import Callback, NoiseFn, ancestral_split, check_eta
 from samplers.denoiser import Denoiser
 
 
@@ -33,10 +33,7 @@ def sample_dpmpp_2s_ancestral(
 ) -> torch.Tensor:
     """Run DPM-Solver++(2S) ancestral from x at sigmas[0] down to sigmas[-1]; x [B, C, h, w] in sigma-space
     scaling. noise(x) -> standard normal like x is needed when eta > 0; s_noise scales the fresh noise."""
-    if eta < 0.0:
-        raise ValueError(f"dpmpp_2s_a: eta must be >= 0, got {eta}")
-    if eta != 0.0 and noise is None:
-        raise ValueError("dpmpp_2s_a with eta > 0 needs a noise function")
+    check_eta("dpmpp_2s_a", eta, noise)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma)

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from samplers.ddim import Callback, NoiseFn
+from samplers.ddim import Callback, NoiseFn, check_eta
 from samplers.denoiser import Denoiser
 
 
@@ -52,10 +52,7 @@ def sample_dpmpp_3m_sde(
     """Run DPM-Solver++(3M) SDE from x at sigmas[0] down to sigmas[-1]; x [B, C, h, w] in sigma-space scaling.
     noise(x) -> standard normal like x is needed when eta > 0; s_noise scales the noise; kdiffusion_d2 uses
     k-diffusion's (second-order) second-derivative coefficient, see the module docstring."""
-    if eta < 0.0:
-        raise ValueError(f"dpmpp_3m_sde: eta must be >= 0, got {eta}")
-    if eta != 0.0 and noise is None:
-        raise ValueError("dpmpp_3m_sde with eta > 0 needs a noise function")
+    check_eta("dpmpp_3m_sde", eta, noise)
     denoised_1: Optional[torch.Tensor] = None
     denoised_2: Optional[torch.Tensor] = None
     h_1: Optional[float] = None

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from samplers.ddim import Callback, NoiseFn, ancestral_split
+from samplers.ddim import Callback, NoiseFn, ancestral_split, check_eta
 from samplers.denoiser import Denoiser
 
 
@@ -39,10 +39,7 @@ def sample_dpmpp_sde(
 ) -> torch.Tensor:
     """Run DPM-Solver++ SDE from x at sigmas[0] down to sigmas[-1]; x [B, C, h, w] in sigma-space scaling.
     eta = 1 (default) is the SDE, 0 deterministic DPM-Solver++(2S); noise(x) is needed when eta > 0."""
-    if eta < 0.0:
-        raise ValueError(f"dpmpp_sde: eta must be >= 0, got {eta}")
-    if eta != 0.0 and noise is None:
-        raise ValueError("dpmpp_sde with eta > 0 needs a noise function")
+    check_eta("dpmpp_sde", eta, noise)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma)

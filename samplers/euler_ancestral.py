@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from samplers.ddim import Callback, NoiseFn, ancestral_split
+from samplers.ddim import Callback, NoiseFn, ancestral_split, check_eta
 from samplers.denoiser import Denoiser
 
 
@@ -39,10 +39,7 @@ def sample_euler_ancestral(
         callback: called after each step with i, x, sigma, sigma_next, denoised.
         s_noise: extra factor on the fresh noise (Karras S_noise).
     """
-    if eta < 0.0:
-        raise ValueError(f"euler_a: eta must be >= 0, got {eta}")
-    if eta != 0.0 and noise is None:
-        raise ValueError("euler_a with eta > 0 needs a noise function")
+    check_eta("euler_a", eta, noise)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoiser(x, sigma)
