@@ -226,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale (analytic and real model)")
     p.add_argument("--ckpt", default=None, help="a real model (default: the embedded demo model when installed)")
     p.add_argument("--config", default=None, help="model yaml (alone: random weights, for a smoke test)")
-    p.add_argument("--prompt", default="a red circle on a blue background")
+    p.add_argument("--prompt", default="a red circle on a white background")
     p.add_argument("--device", default="auto")
     p.add_argument("--no_real", action="store_true", help="analytic model only")
     args = p.parse_args(argv)
