@@ -405,9 +405,17 @@ def verify_checkpoint(path: Path, model: nn.Module, ema: Ema) -> None:
 
 def train(settings: TrainSettings) -> dict[str, Any]:
     """Run stages a to c, export `<out>/demo-shapes.safetensors` + `.yaml`, verify it, and return a summary."""
-    torch.set_num_threads(settings.threads)
     # Zero-initialised output convs give subnormal gradient statistics early on; on x86 CPUs those cost up to 10x.
+    # The flag is process-wide, so it is switched off again afterwards (callers in the same process, e.g. tests).
     torch.set_flush_denormal(True)
+    try:
+        return _train(settings)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(settings: TrainSettings) -> dict[str, Any]:
+    torch.set_num_threads(settings.threads)
     settings.workdir.mkdir(parents=True, exist_ok=True)
     total_start = time.perf_counter()
     summary: dict[str, Any] = {"settings": {k: str(v) for k, v in dataclasses.asdict(settings).items()}}
