@@ -7,7 +7,7 @@ A re-run that keeps the autoencoder: --ae_from WORKDIR/stage-a-frozen.safetensor
 Threads: on a 2-core machine shared with other work, one thread with OMP_WAIT_POLICY=PASSIVE (set here unless
 already set) ran 2.6x faster than two spinning OpenMP threads (measured: autoencoder step 1.6 s vs 4.2 s under
 load ~4); on an idle machine two threads are faster (--threads 2; UNet step 0.42 s vs 0.54 s with one).
-The autoencoder stages run their convolutions under bf16 autocast where the CPU has fast bf16 (--ae_autocast auto):
+Stage a (the autoencoder) runs under bf16 autocast where the CPU has fast bf16 (--ae_autocast auto):
 a step of 8 images took 0.38 s instead of 0.77 s with two threads (0.50 s instead of 0.86 s with one).
 """
 import argparse
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from microbatch.demo.train import TrainSettings
+    from microbatch.demo.train import AE_AUTOCAST_MODES, TrainSettings
 
     d = TrainSettings.__dataclass_fields__
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae_batch", type=int, default=d["ae_batch"].default)
     p.add_argument("--ae_lr", type=float, default=d["ae_lr"].default)
     p.add_argument("--ae_warmup", type=int, default=d["ae_warmup"].default, help="autoencoder warm-up steps")
-    p.add_argument("--ae_autocast", choices=["auto", "on", "off"], default=d["ae_autocast"].default, help="bf16 autocast in the autoencoder stages (auto: where the CPU has fast bf16)")
+    p.add_argument("--ae_autocast", choices=AE_AUTOCAST_MODES, default=d["ae_autocast"].default, help="bf16 autocast in stage a (auto: where the CPU has fast bf16)")
     p.add_argument("--ae_from", type=Path, default=None, help="load the autoencoder (and text encoder) from this stage-a file; with --ae_steps 0 stage a is skipped, otherwise training continues")
     p.add_argument("--n_latents", type=int, default=d["n_latents"].default, help="images encoded once for the UNet stage")
     p.add_argument("--unet_steps", type=int, default=d["unet_steps"].default)

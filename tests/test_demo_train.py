@@ -32,7 +32,7 @@ def tiny_settings(tmp_path: Path, **overrides) -> T.TrainSettings:
     "overrides, message",
     [
         ({"ae_steps": 0}, "ae_steps 0 needs ae_from"),
-        ({"ae_autocast": "maybe"}, "ae_autocast must be auto, on or off"),
+        ({"ae_autocast": "maybe"}, "ae_autocast must be one of auto, on, off, got 'maybe'"),
         ({"uncond_prob": 1.0}, "uncond_prob must be in [0, 1)"),
         ({"unet_batch": 0}, "unet_batch must be >= 1"),
         ({"scale_images": 9}, "scale_images (9) must not exceed n_latents (8)"),

@@ -32,7 +32,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ FROZEN_FILE = "stage-a-frozen.safetensors"  # the trained autoencoder and the te
 STATE_FILE = "unet-state.pt"  # resumable UNet training state
 # Seed offsets keep the data streams of the stages disjoint.
 _AE_DATA, _LATENT_DATA, _HELDOUT_DATA = 1_000_000, 2_000_000, 3_000_000
+AeAutocast = Literal["auto", "on", "off"]
+AE_AUTOCAST_MODES: tuple[str, ...] = get_args(AeAutocast)
 
 
 @dataclass
@@ -70,9 +72,9 @@ class TrainSettings:
     kl_weight: float = 1e-6
     ae_from: Optional[Path] = None  # load the autoencoder (and text encoder) from this stage-a file; ae_steps 0 skips stage a
     ae_warmup: int = 50
-    # bf16 autocast for the autoencoder's convolutions (weights, optimizer and loss stay float32): 2.2x faster per
-    # step on CPUs with AVX512-BF16/AMX. "auto" uses it where microbatch.devices.cpu_has_fast_bf16() says so.
-    ae_autocast: str = "auto"
+    # bf16 autocast for stage a (weights, optimizer and loss stay float32): 0.38 s instead of 0.77 s per step of 8
+    # images on 2 threads of a CPU with AVX512-BF16. "auto" uses it where microbatch.devices.cpu_has_fast_bf16().
+    ae_autocast: AeAutocast = "auto"
     # (b) scale factor
     scale_images: int = 1024
     # (c) UNet
@@ -97,8 +99,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ae_steps == 0 and self.ae_from is None:
             raise ValueError("ae_steps 0 needs ae_from (a saved stage-a file) to skip the autoencoder stage")
-        if self.ae_autocast not in ("auto", "on", "off"):
-            raise ValueError(f"ae_autocast must be auto, on or off, got {self.ae_autocast!r}")
+        if self.ae_autocast not in AE_AUTOCAST_MODES:
+            raise ValueError(f"ae_autocast must be one of {', '.join(AE_AUTOCAST_MODES)}, got {self.ae_autocast!r}")
         if not 0.0 <= self.uncond_prob < 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
         if self.scale_images > self.n_latents:
@@ -139,8 +141,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optiona
     tmp.replace(path)
 
 
-def ae_autocast(mode: str) -> Any:
-    """The autocast context of the autoencoder stages: bf16 on CPUs with fast bf16 (mode "auto") or always ("on")."""
+def ae_autocast(mode: AeAutocast) -> Any:
+    """The autocast context of stage a: bf16 on CPUs with fast bf16 (mode "auto") or always ("on")."""
     from microbatch.devices import cpu_has_fast_bf16
 
     enabled = mode == "on" or (mode == "auto" and cpu_has_fast_bf16())
