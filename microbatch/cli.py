@@ -79,7 +79,11 @@ def build_parser(mode: Mode, description: str) -> argparse.ArgumentParser:
     p.add_argument("--f", type=int, default=8, help="downsampling factor")
     p.add_argument("--n_samples", type=int, default=d["n_samples"], help="how many samples to produce for each given prompt (the batch size)")
     p.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
-    p.add_argument("--scale", type=float, default=d["scale"], help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument(
+        "--scale", type=float, default=None,
+        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)); "
+        f"default: the model config's sampling_defaults.scale if it sets one (the demo model: 2), else {d['scale']:g}",
+    )
     p.add_argument("--from-file", dest="from_file", type=str, help="read prompts from this file, one per line ('prompt || negative' gives a line its own negative prompt)")
     p.add_argument("--config", type=str, default=None, help="model yaml (default: the yaml beside the checkpoint, else inferred from the checkpoint)")
     p.add_argument("--ckpt", type=str, default=None, help=f"checkpoint (.ckpt or .safetensors); default {DEFAULT_CKPT}, else the embedded demo model")
@@ -170,7 +174,7 @@ def check_args(args: argparse.Namespace, mode: Mode) -> None:
         raise UsageError(f"sampler {args.sampler} is deterministic: --ddim_eta must be 0, got {args.ddim_eta}")
     if not math.isfinite(args.ddim_eta) or args.ddim_eta < 0:
         raise UsageError(f"--ddim_eta must be a finite number >= 0, got {args.ddim_eta}")
-    if not math.isfinite(args.scale):
+    if args.scale is not None and not math.isfinite(args.scale):
         raise UsageError(f"--scale must be a finite number, got {args.scale}")
     if mode == "img2img":
         if not args.init_img:
@@ -275,6 +279,15 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Optional[Path], bool]:
     raise UsageError(f"no checkpoint: pass --ckpt path/to/model.ckpt (.ckpt or .safetensors), or place one at {DEFAULT_CKPT}")
 
 
+def default_scale(loaded: LoadedModel, mode: Mode) -> float:
+    """The guidance scale when --scale is not given: the model config's recommendation, else the script's default
+    (the original's 7.5 for txt2img, 5.0 for img2img)."""
+    if loaded.default_scale is not None:
+        logger.info("guidance scale %g: the model config's default (sampling_defaults.scale); --scale sets another", loaded.default_scale)
+        return loaded.default_scale
+    return float(DEFAULTS[mode]["scale"])
+
+
 def png_parameters(job: ImageJob, settings: SamplingSettings, loaded: LoadedModel, precision: str) -> str:
     """Generation parameters in the text format the popular web UIs write under the PNG key `parameters`."""
     fields = [
@@ -324,6 +337,8 @@ def prepare(args: argparse.Namespace, mode: Mode) -> Session:
         ckpt, Path(args.config) if args.config else None, torch.device("cpu") if offload else device, dtypes, attention,
         use_ema=True if args.use_ema else None, is_demo=is_demo, parameterization=args.parameterization,
     )
+    if args.scale is None:
+        args.scale = default_scale(loaded, mode)
     model = loaded.model
     if offload:
         apply_offload(model, args.offload, device)
@@ -496,7 +511,8 @@ def apply_from_png(args: argparse.Namespace) -> None:
         width, height = (int(v) for v in f["Size"].split("x"))
         args.prompt, args.negative_prompt = f["prompt"], f["negative_prompt"]
         args.ddim_steps, args.seed, args.W, args.H = int(f["Steps"]), int(f["Seed"]), width, height
-        args.scale = float(f.get("CFG scale", args.scale))
+        if "CFG scale" in f:
+            args.scale = float(f["CFG scale"])
         args.ddim_eta = float(f.get("Eta", 0.0))
     except (KeyError, ValueError) as e:
         raise UsageError(f"{args.from_png}: cannot read its parameters ({e})") from None

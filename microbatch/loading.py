@@ -202,6 +202,7 @@ class LoadedModel:
     dtypes: Dtypes
     load_seconds: float
     is_demo: bool = False
+    default_scale: Optional[float] = None  # the config's sampling_defaults.scale, when it recommends one
     _hash: Optional[str] = None
 
     @property
@@ -261,6 +262,7 @@ def load_model(
     cfg = load_config(config)
     if "model" not in cfg:
         raise ValueError(f"config {config} has no `model` section")
+    default_scale = recommended_scale(cfg, config)
     with no_weight_init() if state_dict is not None else contextlib.nullcontext():
         model = instantiate_from_config(cfg.model)
     if state_dict is not None:
@@ -276,4 +278,20 @@ def load_model(
     config, reason = settle_parameterization(model, Path(config), reason, inferred, parameterization, ckpt)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return LoadedModel(model, ckpt, Path(config), reason, dtypes, time.perf_counter() - start, is_demo)
+    return LoadedModel(model, ckpt, Path(config), reason, dtypes, time.perf_counter() - start, is_demo, default_scale)
+
+
+def recommended_scale(cfg: Any, config: Any) -> Optional[float]:
+    """A config's own default guidance scale: the optional top-level block `sampling_defaults: {scale: S}` (not
+    in the published configs; the demo model's yaml has one). The scripts use it when --scale is not given."""
+    block = cfg.get("sampling_defaults")
+    if block is None:
+        return None
+    if not hasattr(block, "keys") or set(block.keys()) - {"scale"}:
+        raise ValueError(f"config {config}: sampling_defaults may only set `scale`, got {block}")
+    if "scale" not in block:
+        return None
+    scale = block["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"config {config}: sampling_defaults.scale must be a finite number, got {scale!r}")
+    return float(scale)

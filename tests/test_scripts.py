@@ -105,3 +105,29 @@ def test_memory_flags_end_to_end(tmp_path, monkeypatch, tiny_ckpt, capsys):
     assert calls and (tmp_path / "t" / "samples" / "00000.png").is_file()
     assert batch_gen.main(base + ["--max_batch_size", "lots"]) == 2
     assert "--max_batch_size must be a positive integer or auto" in capsys.readouterr().err
+
+
+def _cfg_scale(path: Path) -> str:
+    with Image.open(path) as image:
+        return next(f for f in image.info["parameters"].split(", ") if f.startswith("CFG scale"))
+
+
+def test_scale_default_comes_from_the_config_sampling_defaults(tmp_path, monkeypatch, tiny_ckpt, capsys):
+    monkeypatch.chdir(tmp_path)
+    txt2img = load_script("txt2img")
+    tiny = (REPO / "configs" / "tiny" / "tiny-v1.yaml").read_text()
+    (tmp_path / "rec.yaml").write_text(tiny + "\nsampling_defaults:\n  scale: 2.5\n")
+    base = ["--n_samples", "1", "--n_iter", "1", "--H", "64", "--W", "64", "--ckpt", str(tiny_ckpt), "--skip_grid", *FAST]
+    runs = {"plain": [*TINY], "rec": ["--config", "rec.yaml"], "given": ["--config", "rec.yaml", "--scale", "6"]}
+    for name, extra in runs.items():
+        assert txt2img.main(base + extra + ["--outdir", name]) == 0
+    assert _cfg_scale(tmp_path / "plain" / "samples" / "00000.png") == "CFG scale: 7.5"  # the original's default
+    assert _cfg_scale(tmp_path / "rec" / "samples" / "00000.png") == "CFG scale: 2.5"
+    assert _cfg_scale(tmp_path / "given" / "samples" / "00000.png") == "CFG scale: 6"
+    capsys.readouterr()
+    for bad in ("  scale: high\n", "  scale: 2\n  steps: 10\n"):
+        (tmp_path / "bad.yaml").write_text(tiny + "\nsampling_defaults:\n" + bad)
+        assert txt2img.main(base + ["--config", "bad.yaml", "--outdir", "bad"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: config bad.yaml: sampling_defaults") and "\n" not in err, err
+    assert not list((tmp_path / "bad").rglob("*.png"))
