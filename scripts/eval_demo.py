@@ -84,8 +84,16 @@ def adherence(loaded: LoadedModel, labels: Sequence[tuple[str, str, str]], seeds
     return {key: float(np.mean([sc[key] for sc in scores])) for key in KEYS}, images
 
 
-def img2img_blue(loaded: LoadedModel, seeds: Sequence[int], sampler: str = "ddim", steps: int = 30, guidance_scale: float = 5.0, strength: float = 0.8) -> list[str]:
-    """Colours the analyzer sees after turning a rendered red circle on white into a blue one, per seed."""
+def default_scale(loaded: LoadedModel, script_default: float = 7.5) -> float:
+    """The guidance scale the scripts use for this model without --scale (the yaml's sampling_defaults.scale)."""
+    return script_default if loaded.default_scale is None else loaded.default_scale
+
+
+def img2img_blue(loaded: LoadedModel, seeds: Sequence[int], sampler: str = "ddim", steps: int = 30, guidance_scale: Optional[float] = None, strength: float = 0.8) -> list[str]:
+    """Colours the analyzer sees after turning a rendered red circle on white into a blue one, per seed; at
+    img2img.py's default guidance scale for this model unless `guidance_scale` is given."""
+    if guidance_scale is None:
+        guidance_scale = default_scale(loaded, script_default=5.0)
     init = render("red", "circle", "white", size=64)
     settings = settings_for(sampler, steps, guidance_scale, strength=strength, batch=len(seeds))
     images = generate(loaded, [IMG2IMG_PROMPT] * len(seeds), list(seeds), settings, init=init)
@@ -116,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per combination")
     p.add_argument("--samplers", type=str, default="plms,ddim", help="comma-separated sampler names")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--scale", type=float, nargs="+", default=[7.5], help="guidance scale(s) to evaluate")
+    p.add_argument("--scale", type=float, nargs="+", default=None, help="guidance scale(s) to evaluate (default: the scripts' default for the model: its yaml's sampling_defaults.scale, else 7.5)")
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="full")
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -138,12 +146,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.outdir.mkdir(parents=True, exist_ok=True)
+    scales = args.scale or [default_scale(loaded)]
     labels = all_combinations()
     seeds = list(range(args.seeds))
     results: dict[str, dict[str, float]] = {}
     from PIL import Image
 
-    for scale in args.scale:
+    for scale in scales:
         for sampler in args.samplers.split(","):
             start = time.perf_counter()
             name = f"{sampler} {args.steps} steps, scale {scale:g}"
@@ -155,10 +164,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     summary: dict = {"checkpoint": str(loaded.ckpt), "precision": args.precision, "seeds": seeds, "adherence": results}
     if args.img2img_seeds > 0:
-        colors = img2img_blue(loaded, list(range(args.img2img_seeds)))
-        blue = sum(c == "blue" for c in colors) / len(colors)
-        print(f"img2img red circle -> '{IMG2IMG_PROMPT}' (strength 0.8, ddim 30, scale 5): blue in {blue:.0%} of {len(colors)} seeds {colors}")
-        summary["img2img_blue"] = {"fraction": blue, "colors": colors}
+        i2i_scale = default_scale(loaded, script_default=5.0)
+        summary["img2img_blue"] = {}
+        for sampler in args.samplers.split(","):
+            colors = img2img_blue(loaded, list(range(args.img2img_seeds)), sampler, args.steps, i2i_scale)
+            blue = sum(c == "blue" for c in colors) / len(colors)
+            print(f"img2img red circle -> '{IMG2IMG_PROMPT}' (strength 0.8, {sampler} {args.steps}, scale {i2i_scale:g}): blue in {blue:.0%} of {len(colors)} seeds {colors}")
+            summary["img2img_blue"][sampler] = {"scale": i2i_scale, "fraction": blue, "colors": colors}
     (args.outdir / "table.md").write_text(table + "\n", encoding="utf-8")
     (args.outdir / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return 0

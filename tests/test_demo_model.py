@@ -5,6 +5,7 @@ statistics, tested against the renderer in test_demo_shapes.py); the same subset
 threshold, so the adherence test measures the training and not the judge.
 """
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,9 @@ from microbatch.loading import LoadedModel, demo_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-# The 12 prompts of eval_demo.balanced_subset, seed 0, DDIM 20 steps, scale 7.5, float32. Measured on the shipped
-# weights: 12/12 in every attribute; random weights: all three 0/12. The thresholds leave a margin of two images for
-# floating-point differences between CPUs.
+# The 12 prompts of eval_demo.balanced_subset, seed 0, 20 steps, the demo model's default scale (2), float32.
+# Measured on the shipped weights: DDIM and PLMS 12/12 in every attribute; random weights: all three 0/12. The
+# thresholds leave a margin of two images for floating-point differences between CPUs.
 SUBSET_MIN = {"all": 10 / 12, "color": 10 / 12, "shape": 10 / 12, "background": 10 / 12}
 
 
@@ -71,9 +72,10 @@ def _schedule_names():
     return set(SCHEDULE_BUFFERS)
 
 
-def test_adherence_subset(eval_demo, demo):
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+def test_adherence_subset(eval_demo, demo, sampler):
     labels = eval_demo.balanced_subset(12)
-    settings = eval_demo.settings_for("ddim", steps=20, guidance_scale=7.5, batch=12)
+    settings = eval_demo.settings_for(sampler, steps=20, guidance_scale=eval_demo.default_scale(demo), batch=12)
     result, images = eval_demo.adherence(demo, labels, [0], settings)
     assert images[0].shape == (64, 64, 3)
     for key, minimum in SUBSET_MIN.items():
@@ -85,7 +87,7 @@ def test_adherence_threshold_fails_with_random_weights(eval_demo, ckpt):
     config = ckpt.with_suffix(".yaml")
     model = instantiate_from_config(load_config(config).model).eval()
     random = LoadedModel(model, None, config, "random weights", choose_dtypes("full", CPU), 0.0)
-    settings = eval_demo.settings_for("ddim", steps=20, guidance_scale=7.5, batch=12)
+    settings = eval_demo.settings_for("ddim", steps=20, guidance_scale=2.0, batch=12)
     result, _ = eval_demo.adherence(random, eval_demo.balanced_subset(12), [0], settings)
     assert result["all"] < SUBSET_MIN["all"], result
 
@@ -115,5 +117,18 @@ def test_txt2img_without_ckpt_uses_the_demo_model(ckpt, tmp_path, monkeypatch, c
     assert len(samples) == 1
     with Image.open(samples[0]) as im:
         assert im.size == (64, 64)
+        assert "CFG scale: 2," in im.info["parameters"]  # the demo yaml's sampling_defaults.scale
         image = np.asarray(im.convert("RGB"))
     assert image.std() > 5  # not a blank image
+
+
+def test_eval_script_defaults_to_the_models_scale_and_writes_its_table(eval_demo, ckpt, tmp_path, capsys):
+    argv = ["--seeds", "1", "--samplers", "ddim", "--steps", "3", "--img2img_seeds", "1", "--outdir", str(tmp_path)]
+    assert eval_demo.main(argv) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| ddim 3 steps, scale 2 |" in table, table
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["img2img_blue"]["ddim"]["scale"] == 2.0 and len(summary["img2img_blue"]["ddim"]["colors"]) == 1
+    assert (tmp_path / "grid-ddim-2.png").is_file()
+    assert eval_demo.main(argv + ["--steps", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
