@@ -32,10 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
+from ldm.checkpoint import CheckpointError  # noqa: E402
 from samplers import SAMPLERS, Denoiser, GuidedModel, get_sigmas  # noqa: E402
 from samplers.gaussian import GaussianModel, sd_alphas_cumprod  # noqa: E402
 
 STEPS = [5, 10, 15, 20, 25, 50]
+ANALYTIC_SCALE = 7.5
 SEARCH_MAX = 200
 
 
@@ -126,19 +128,22 @@ def real_problem(args) -> Optional[tuple[Denoiser, torch.Tensor, str]]:
     from microbatch.devices import Dtypes, parse_device
     from microbatch.loading import demo_checkpoint, load_model
 
-    ckpt = Path(args.ckpt) if args.ckpt else demo_checkpoint()
+    # --config alone builds the model with random weights (a smoke test); neither flag: the embedded demo model
+    ckpt = Path(args.ckpt) if args.ckpt else (None if args.config else demo_checkpoint())
     if ckpt is None and args.config is None:
         return None
     device = parse_device(args.device)
     loaded = load_model(ckpt, Path(args.config) if args.config else None, device, Dtypes(torch.float32, torch.float32, torch.float32), is_demo=args.ckpt is None)
     model = loaded.model
+    # The scale the scripts would use for this model: --scale, else its yaml's sampling_defaults.scale, else 7.5.
+    scale = args.scale if args.scale is not None else (loaded.default_scale if loaded.default_scale is not None else ANALYTIC_SCALE)
     with torch.no_grad():
         cond = model.get_learned_conditioning([args.prompt])
         uncond = model.get_learned_conditioning([""])
-    denoiser = Denoiser(GuidedModel(model.apply_model, cond, uncond, args.scale), model.alphas_cumprod, model.parameterization)
+    denoiser = Denoiser(GuidedModel(model.apply_model, cond, uncond, scale), model.alphas_cumprod, model.parameterization)
     shape = (1, model.channels, model.image_size, model.image_size)
     z = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    return denoiser, z, f"{ckpt or 'random weights'} ({loaded.config_path}), latents {list(shape)}, guidance {args.scale}, prompt {args.prompt!r}, seed {args.seed}"
+    return denoiser, z, f"{ckpt or 'random weights'} ({loaded.config_path}), latents {list(shape)}, guidance {scale:g}, prompt {args.prompt!r}, seed {args.seed}"
 
 
 # -- output ------------------------------------------------------------------------------------------------------------
@@ -223,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ref_steps", type=int, default=1000, help="steps of each sampler's reference run")
     p.add_argument("--search_max", type=int, default=SEARCH_MAX, help="largest step count tried when matching DDIM@50")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--scale", type=float, default=7.5, help="guidance scale (analytic and real model)")
+    p.add_argument("--scale", type=float, default=None, help=f"guidance scale (default: {ANALYTIC_SCALE:g} for the analytic model; the scripts' default for the real one)")
     p.add_argument("--ckpt", default=None, help="a real model (default: the embedded demo model when installed)")
     p.add_argument("--config", default=None, help="model yaml (alone: random weights, for a smoke test)")
     p.add_argument("--prompt", default="a red circle on a white background")
@@ -242,10 +247,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     sections = []
-    denoiser, z, _, _ = analytic_problem(args.seed, args.scale)
-    print(f"analytic model, default schedules, guidance {args.scale}: distance to the {args.ref_steps}-step result")
+    scale = ANALYTIC_SCALE if args.scale is None else args.scale
+    denoiser, z, _, _ = analytic_problem(args.seed, scale)
+    print(f"analytic model, default schedules, guidance {scale:g}: distance to the {args.ref_steps}-step result")
     rows = ode_table(denoiser, z, ode_names, lambda n: SAMPLERS[n].default_schedule, args.ref_steps, args.search_max, print)
-    sections.append(("Analytic model, default schedules", f"Exact Gaussian model with guidance {args.scale}, latents [1, 4, 16, 16] (s log-uniform in 0.05..2), RMS distance to the same sampler's {args.ref_steps}-step result on the same schedule; ancestral/SDE samplers at eta 0.", rows))
+    sections.append(("Analytic model, default schedules", f"Exact Gaussian model with guidance {scale:g}, latents [1, 4, 16, 16] (s log-uniform in 0.05..2), RMS distance to the same sampler's {args.ref_steps}-step result on the same schedule; ancestral/SDE samplers at eta 0.", rows))
     print("analytic model, karras schedule for every sampler")
     rows_k = ode_table(denoiser, z, ode_names, lambda n: "karras", args.ref_steps, args.search_max, print)
     sections.append(("Analytic model, karras schedule for all", "As above, every sampler on the Karras (rho 7) schedule.", rows_k))
@@ -253,7 +259,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dist_rows = distribution_table(names, args.seed, print)
 
     if not args.no_real:
-        real = real_problem(args)
+        try:
+            real = real_problem(args)
+        except (CheckpointError, FileNotFoundError, ValueError, OSError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
         if real is None:
             print("no real model (no --ckpt, no embedded demo model, no --config): analytic model only")
         else:
