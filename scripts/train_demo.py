@@ -4,9 +4,12 @@ Writes microbatch/assets/demo-shapes.safetensors and demo-shapes.yaml (or --out 
 stage-a autoencoder, encoded latents, resumable UNet state, train.log, summary.json) go to --workdir.
 A re-run that keeps the autoencoder: --ae_from WORKDIR/stage-a-frozen.safetensors --ae_steps 0.
 
-Threads: on a 2-core machine shared with other work, one thread with OMP_WAIT_POLICY=PASSIVE (set here unless
-already set) ran 2.6x faster than two spinning OpenMP threads (measured: autoencoder step 1.6 s vs 4.2 s under
-load ~4); on an idle machine two threads are faster (--threads 2; UNet step 0.42 s vs 0.54 s with one).
+The defaults are the shipped weights' recipe: one run of 60 min on 2 idle cores (autoencoder 2,400 steps, UNet
+5,000 steps at lr 4e-4 with cosine decay; figures in the yaml header).
+
+Threads: the default is 2, faster on an idle machine (UNet step 0.42 s vs 0.54 s with one). On a 2-core machine
+shared with other work, one thread with OMP_WAIT_POLICY=PASSIVE (set here unless already set) ran 2.6x faster than
+two spinning OpenMP threads (measured: autoencoder step 1.6 s vs 4.2 s under load ~4): pass --threads 1 there.
 Stage a (the autoencoder) runs under bf16 autocast where the CPU has fast bf16 (--ae_autocast auto):
 a step of 8 images took 0.38 s instead of 0.77 s with two threads (0.50 s instead of 0.86 s with one).
 """
