@@ -123,6 +123,14 @@ def distribution_table(names: Sequence[str], seed: int, log) -> list[dict]:
     return rows
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the working directory when inside it (no machine's prefix)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def real_problem(args) -> Optional[tuple[Denoiser, torch.Tensor, str]]:
     """(denoiser, start noise, description) of a real model, or None when there is none to load."""
     from microbatch.devices import Dtypes, parse_device
@@ -143,7 +151,7 @@ def real_problem(args) -> Optional[tuple[Denoiser, torch.Tensor, str]]:
     denoiser = Denoiser(GuidedModel(model.apply_model, cond, uncond, scale), model.alphas_cumprod, model.parameterization)
     shape = (1, model.channels, model.image_size, model.image_size)
     z = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    return denoiser, z, f"{ckpt or 'random weights'} ({loaded.config_path}), latents {list(shape)}, guidance {scale:g}, prompt {args.prompt!r}, seed {args.seed}"
+    return denoiser, z, f"{_shown(ckpt) if ckpt else 'random weights'} ({_shown(loaded.config_path)}), latents {list(shape)}, guidance {scale:g}, prompt {args.prompt!r}, seed {args.seed}"
 
 
 # -- output ------------------------------------------------------------------------------------------------------------
