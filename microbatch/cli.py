@@ -279,7 +279,7 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Optional[Path], bool]:
     raise UsageError(f"no checkpoint: pass --ckpt path/to/model.ckpt (.ckpt or .safetensors), or place one at {DEFAULT_CKPT}")
 
 
-def default_scale(loaded: LoadedModel, mode: Mode) -> float:
+def default_scale(loaded: LoadedModel, mode: Mode = "txt2img") -> float:
     """The guidance scale when --scale is not given: the model config's recommendation, else the script's default
     (the original's 7.5 for txt2img, 5.0 for img2img)."""
     if loaded.default_scale is not None:

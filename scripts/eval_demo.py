@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from microbatch.cli import default_scale  # noqa: E402
 from microbatch.demo.analyze import analyze, score  # noqa: E402
 from microbatch.demo.shapes import BACKGROUNDS, COLORS, SHAPES, all_combinations, caption, render  # noqa: E402
 from microbatch.devices import choose_dtypes, parse_device  # noqa: E402
@@ -84,16 +85,11 @@ def adherence(loaded: LoadedModel, labels: Sequence[tuple[str, str, str]], seeds
     return {key: float(np.mean([sc[key] for sc in scores])) for key in KEYS}, images
 
 
-def default_scale(loaded: LoadedModel, script_default: float = 7.5) -> float:
-    """The guidance scale the scripts use for this model without --scale (the yaml's sampling_defaults.scale)."""
-    return script_default if loaded.default_scale is None else loaded.default_scale
-
-
 def img2img_blue(loaded: LoadedModel, seeds: Sequence[int], sampler: str = "ddim", steps: int = 30, guidance_scale: Optional[float] = None, strength: float = 0.8) -> list[str]:
     """Colours the analyzer sees after turning a rendered red circle on white into a blue one, per seed; at
     img2img.py's default guidance scale for this model unless `guidance_scale` is given."""
     if guidance_scale is None:
-        guidance_scale = default_scale(loaded, script_default=5.0)
+        guidance_scale = default_scale(loaded, "img2img")
     init = render("red", "circle", "white", size=64)
     settings = settings_for(sampler, steps, guidance_scale, strength=strength, batch=len(seeds))
     images = generate(loaded, [IMG2IMG_PROMPT] * len(seeds), list(seeds), settings, init=init)
@@ -164,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     summary: dict = {"checkpoint": str(loaded.ckpt), "precision": args.precision, "seeds": seeds, "adherence": results}
     if args.img2img_seeds > 0:
-        i2i_scale = default_scale(loaded, script_default=5.0)
+        i2i_scale = default_scale(loaded, "img2img")
         summary["img2img_blue"] = {}
         for sampler in args.samplers.split(","):
             colors = img2img_blue(loaded, list(range(args.img2img_seeds)), sampler, args.steps, i2i_scale)

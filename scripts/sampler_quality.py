@@ -133,6 +133,7 @@ def _shown(path: Path) -> str:
 
 def real_problem(args) -> Optional[tuple[Denoiser, torch.Tensor, str]]:
     """(denoiser, start noise, description) of a real model, or None when there is none to load."""
+    from microbatch.cli import default_scale
     from microbatch.devices import Dtypes, parse_device
     from microbatch.loading import demo_checkpoint, load_model
 
@@ -143,8 +144,8 @@ def real_problem(args) -> Optional[tuple[Denoiser, torch.Tensor, str]]:
     device = parse_device(args.device)
     loaded = load_model(ckpt, Path(args.config) if args.config else None, device, Dtypes(torch.float32, torch.float32, torch.float32), is_demo=args.ckpt is None)
     model = loaded.model
-    # The scale the scripts would use for this model: --scale, else its yaml's sampling_defaults.scale, else 7.5.
-    scale = args.scale if args.scale is not None else (loaded.default_scale if loaded.default_scale is not None else ANALYTIC_SCALE)
+    # The scale the scripts would use for this model: --scale, else txt2img's default for it.
+    scale = args.scale if args.scale is not None else default_scale(loaded)
     with torch.no_grad():
         cond = model.get_learned_conditioning([args.prompt])
         uncond = model.get_learned_conditioning([""])
