@@ -93,12 +93,15 @@ def save_grid(images: Sequence[np.ndarray], outdir: Path, nrow: int, text: Optio
     return save_png_atomic(make_grid(images, nrow), outdir, next_number(outdir, _GRID), "grid-{:04}.png", text)
 
 
-def load_init_image(path: Path, multiple: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+def load_init_image(path: "Path | Image.Image", multiple: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Read an image as [1, 3, H, W] in [-1, 1], resized (LANCZOS) so that H and W are multiples of `multiple`
-    (rounded down, at least one multiple). Returns (tensor, original (w, h), new (w, h))."""
+    (rounded down, at least one multiple). `path` may be a PIL image. Returns (tensor, original (w, h), new (w, h))."""
     try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        if isinstance(path, Image.Image):
+            image = path.convert("RGB")
+        else:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"init image not found: {path}") from None
     except (OSError, Image.DecompressionBombError) as e:

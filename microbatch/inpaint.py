@@ -14,31 +14,29 @@ outputs align pixel for pixel with the input. Mask: luminance / 255, >= 0.5 mean
 image * (mask < 0.5) (the hole is grey, 0 in [-1, 1]); its latent is the VAE posterior mean, scaled. The mask
 reaches the latent grid by nearest-neighbour resizing.
 
-Sampling, micro-batching, seeds, outputs and metrics are those of txt2img and img2img (`microbatch.cli`).
+Sampling, micro-batching, seeds, outputs and metrics are those of txt2img and img2img (`microbatch.pipeline`).
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
-from microbatch.cli import Session, UsageError, build_parser, execute, make_plan, prepare
 from microbatch.engine import Engine
+from microbatch.request import UsageError
 
 logger = logging.getLogger(__name__)
 
 
-def _open(path: Path, mode: str, what: str) -> Image.Image:
+def _open(path: Union[Path, Image.Image], mode: str, what: str) -> Image.Image:
+    if isinstance(path, Image.Image):
+        return path.convert(mode)
     try:
         with Image.open(path) as im:
             return im.convert(mode)
@@ -48,8 +46,8 @@ def _open(path: Path, mode: str, what: str) -> Image.Image:
         raise ValueError(f"{what} {path} could not be read as an image ({e})") from None
 
 
-def load_image_and_mask(image_path: Path, mask_path: Path, multiple: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list[str]]:
-    """Read, binarise and edge-pad an image and its mask.
+def load_image_and_mask(image_path: Union[Path, Image.Image], mask_path: Union[Path, Image.Image], multiple: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], list[str]]:
+    """Read (paths or PIL images), binarise and edge-pad an image and its mask.
 
     Returns image [1, 3, H, W] in [-1, 1], mask [1, 1, H, W] in {0, 1} (1 = repaint), the original (width,
     height), and notes for the user. H and W are the original sides rounded up to multiples of `multiple`. A mask
@@ -87,8 +85,8 @@ class CroppingEngine(Engine):
         return images[..., : self.crop[0], : self.crop[1]].contiguous()
 
 
-def setup_inpainting(session: Session, engine: Engine, image: torch.Tensor, mask: torch.Tensor) -> str:
-    """Prepare `engine` to inpaint `image` [1, 3, H, W] where `mask` [1, 1, H, W] is 1. Returns "concat" (an
+def setup_inpainting(session: Any, engine: Engine, image: torch.Tensor, mask: torch.Tensor) -> str:
+    """`session`: anything with the loaded `.model` and its `.device` (a Pipeline). Prepare `engine` to inpaint `image` [1, 3, H, W] where `mask` [1, 1, H, W] is 1. Returns "concat" (an
     inpainting model reads the mask and masked image) or "blend" (latent blending with an ordinary model)."""
     model = session.model
     device = session.device
@@ -107,47 +105,3 @@ def setup_inpainting(session: Session, engine: Engine, image: torch.Tensor, mask
         latent_size = engine.init_posterior.mean.shape[-2:]
         engine.keep_mask = 1.0 - F.interpolate(mask.float(), size=latent_size)
     return "blend"
-
-
-def build_inpaint_parser() -> argparse.ArgumentParser:
-    p = build_parser("img2img", "Repaint the white region of a mask in an image, guided by a text prompt.")
-    p.add_argument("--mask", type=str, help="mask image, same size as --init-img: white (>= 50%% luminance) = repaint, black = keep")
-    p.set_defaults(outdir="outputs/inpaint-samples", strength=1.0)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.mask:
-        raise UsageError("inpainting needs --mask PATH (white = repaint)")
-    if not Path(args.mask).is_file():
-        raise UsageError(f"mask not found: {args.mask}")
-    session = prepare(args, "img2img")
-    session.mode = "inpaint"
-    image, mask, (w, h), notes = load_image_and_mask(Path(args.init_img), Path(args.mask), session.loaded.size_multiple)
-    for note in notes:
-        print(note)
-    if not mask.any():
-        print("note: the mask has no white pixels: nothing to repaint")
-    engine = CroppingEngine(session.model, session.device, vae_tiling=session.args.tile_settings)
-    engine.crop = (h, w)
-    how = setup_inpainting(session, engine, image, mask)
-    if how == "blend":
-        print(
-            f"note: {session.loaded.ckpt or 'the model'} is not an inpainting model (its UNet takes "
-            f"{session.model.channels} channels): inpainting by blending the known region's latent at every step"
-        )
-    height, width = image.shape[-2:]
-    return execute(session, engine, make_plan(args, "img2img", int(height), int(width)))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, run, and turn expected failures into one line on stderr and exit code 2 (as microbatch.cli)."""
-    args = build_inpaint_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -220,6 +220,11 @@ class LoadedModel:
         return self._hash
 
     @property
+    def vae_factor(self) -> int:
+        """Pixels per latent along a side: 2 ** (VAE levels - 1)."""
+        return 2 ** (self.model.first_stage_model.encoder.num_resolutions - 1)
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's total downsampling."""
         unet = self.model.model.diffusion_model

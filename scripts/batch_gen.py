@@ -10,7 +10,7 @@ from microbatch.cli import main_for  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return main_for("batch_gen", "Generate exactly --n_samples images in micro-batches of at most --max_batch_size.", argv)
+    return main_for("batch_gen", None, argv)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from microbatch.inpaint import main as inpaint_main  # noqa: E402
+from microbatch.cli import main_for  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return inpaint_main(argv)
+    return main_for("inpaint", None, argv)
 
 
 if __name__ == "__main__":

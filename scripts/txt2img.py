@@ -9,7 +9,7 @@ from microbatch.cli import main_for  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return main_for("txt2img", "Generate images from a text prompt.", argv)
+    return main_for("txt2img", None, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,456 @@
+"""The application layer: one loaded model and the one path from a request to images.
+
+    from microbatch import Pipeline
+
+    pipe = Pipeline.from_checkpoint("v1-5-pruned-emaonly.safetensors")   # no ckpt: the demo model
+    images = pipe.txt2img("a photograph of a cat", n=4, steps=30, seed=7)  # list of PIL images
+    images[0].info["parameters"]                                          # the web UI's parameters text
+
+The scripts, the Python API and (later) a server all go through `Pipeline.generate(request)`: the request is
+validated when it is built (`microbatch.request`), and this module decides, once each, the image size, the
+guidance scale and the micro-batch size (`Pipeline.plan`), prepares img2img / inpainting, runs the micro-batched
+engine and turns finished latents into images with their parameters text.
+
+Threads: one call generates at a time (others wait on a lock); `progress()` and `cancel()` may be called from any
+other thread while it runs. `cancel()` stops after the current sampler step; the call then returns the images
+finished so far and `last_result.interrupted` is True.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import numpy as np
+import torch
+
+from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
+from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings
+from microbatch.images import load_init_image, to_uint8
+from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
+from microbatch.memory import choose_batch_size, measure_memory_model, memory_budget
+from microbatch.metrics import RunMetrics
+from microbatch.offload import apply_offload
+from microbatch.parameters import png_parameters
+from microbatch.request import GenerationRequest, ModelOptions, UsageError
+from microbatch.vae_tiling import encode_tiled
+from samplers import Denoiser, get_sigmas
+
+logger = logging.getLogger(__name__)
+
+# The original scripts' guidance scale when neither the request nor the model's config gives one.
+SCRIPT_SCALE = {"txt2img": 7.5, "img2img": 5.0, "inpaint": 5.0}
+# Images per micro-batch when the request names no size: all of a prompt batch, up to this many on a CPU (a
+# larger batch is no faster there and only holds more memory) and on GPUs without a measured budget.
+DEFAULT_MAX_BATCH = 8
+
+
+@dataclass
+class Plan:
+    """What `Pipeline.plan` decided: the images, the engine's settings, the sampler steps each micro-batch runs,
+    and notes for the user (sizes rounded, steps img2img re-runs...)."""
+
+    jobs: list[ImageJob]
+    settings: SamplingSettings
+    steps_run: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GeneratedImage:
+    """One finished image: its job (index, prompt, negative prompt, seed), pixels and parameters text."""
+
+    job: ImageJob
+    array: np.ndarray  # [H, W, 3] uint8
+    latent: torch.Tensor  # [C, h, w] float32, CPU
+    parameters: str
+
+    def pil(self) -> Any:
+        """A PIL image whose info["parameters"] holds the parameters text (saved as a PNG text chunk by `save`)."""
+        from PIL import Image
+
+        image = Image.fromarray(self.array)
+        image.info["parameters"] = self.parameters
+        return image
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Passed to a callback after every sampler step (kind "step") and every finished image (kind "image")."""
+
+    kind: Literal["step", "image"]
+    images_done: int
+    images_total: int
+    step: int  # steps finished in the current micro-batch
+    steps_total: int  # steps of one micro-batch
+    batch_index: int
+    image: Optional[GeneratedImage] = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for another thread: state, images and steps done, elapsed seconds, and an ETA when known."""
+
+    state: Literal["idle", "running", "done", "cancelled", "failed"]
+    images_done: int = 0
+    images_total: int = 0
+    step: int = 0
+    steps_total: int = 0
+    elapsed_s: float = 0.0
+    batch_images: int = 0  # images in the micro-batch being sampled
+
+    @property
+    def fraction(self) -> float:
+        """Done share of the run: finished images plus the sampled share of the current micro-batch."""
+        if self.images_total == 0:
+            return 0.0
+        if self.state in ("done", "cancelled"):
+            return self.images_done / self.images_total
+        sampled = self.batch_images * (self.step / self.steps_total if self.steps_total else 0.0)
+        return min(1.0, (self.images_done + sampled) / self.images_total)
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        f = self.fraction
+        return None if f <= 0 else self.elapsed_s * (1 - f) / f
+
+
+@dataclass
+class RunResult:
+    images: list[GeneratedImage]
+    plan: Plan
+    metrics: RunMetrics
+    interrupted: bool = False
+
+
+def resolve_checkpoint(ckpt: Optional[str]) -> tuple[Optional[Path], bool, Optional[str]]:
+    """(checkpoint path, is it the demo model, a note for the user)."""
+    if ckpt is not None:
+        return Path(ckpt), False, None
+    if DEFAULT_CKPT.is_file():
+        return DEFAULT_CKPT, False, None
+    demo = demo_checkpoint()
+    if demo is not None:
+        return demo, True, (
+            f"No checkpoint at {DEFAULT_CKPT} and no --ckpt given: using the embedded demo model (64x64 shapes). "
+            f"For Stable Diffusion, pass --ckpt path/to/sd-v1-x.ckpt (or .safetensors)."
+        )
+    raise UsageError(f"no checkpoint: pass --ckpt path/to/model.ckpt (.ckpt or .safetensors), or place one at {DEFAULT_CKPT}")
+
+
+def micro_batch_size(request: GenerationRequest) -> int:
+    """The micro-batch size before any measurement: the request's number, else a prompt batch of n_samples images
+    up to DEFAULT_MAX_BATCH. ("auto" starts here too and is then measured, see `Pipeline.generate`.)"""
+    if isinstance(request.max_batch_size, int):
+        return request.max_batch_size
+    return min(request.n_samples, DEFAULT_MAX_BATCH)
+
+
+def round_size(value: int, multiple: int, name: str, notes: list[str]) -> int:
+    rounded = max(multiple, value - value % multiple)
+    if rounded != value:
+        notes.append(f"note: --{name} {value} is not a multiple of {multiple}; using {rounded}")
+    return rounded
+
+
+class Pipeline:
+    """A loaded model and the settings it was loaded with. Build it with `from_checkpoint` or `load`."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, options: ModelOptions, on_note: Optional[Callable[[str], None]] = None):
+        self.loaded = loaded
+        self.device = device
+        self.options = options
+        self.attention = options.attention_backend(device)
+        self.on_note: Callable[[str], None] = on_note or (lambda text: logger.info("%s", text))
+        self.last_result: Optional[RunResult] = None
+        self._run_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._progress = Progress("idle")
+        self._started = 0.0
+
+    # -- loading --
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Union[str, Path, None] = None,
+        config: Union[str, Path, None] = None,
+        device: str = "auto",
+        precision: str = "autocast",
+        vae: Union[str, Path, None] = None,
+        **options: Any,
+    ) -> "Pipeline":
+        """Load a checkpoint (.ckpt / .safetensors). No ckpt: the original default path if it exists, else the
+        embedded demo model. Other keyword arguments are `ModelOptions` fields (attention, attention_slicing,
+        offload, use_ema, parameterization)."""
+        opts = ModelOptions(
+            ckpt=None if ckpt is None else str(ckpt), config=None if config is None else str(config), vae=None if vae is None else str(vae),
+            device=device, precision=precision, **options,
+        )
+        return cls.load(opts)
+
+    @classmethod
+    def load(cls, options: ModelOptions, on_note: Optional[Callable[[str], None]] = None, loader: Callable[..., LoadedModel] = load_model) -> "Pipeline":
+        """Load the model `options` name. `on_note` receives notes for the user (default: logged); `loader` is
+        `microbatch.loading.load_model` or a stand-in with its signature."""
+        note = on_note or (lambda text: logger.info("%s", text))
+        try:
+            device = parse_device(options.device)
+            dtypes = choose_dtypes(options.precision, device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        attention = options.attention_backend(device)
+        ckpt, is_demo, demo_note = resolve_checkpoint(options.ckpt)
+        if demo_note:
+            note(demo_note)
+        offload = options.offload != "none" and device.type != "cpu"
+        loaded = loader(
+            ckpt, Path(options.config) if options.config else None, torch.device("cpu") if offload else device, dtypes, attention,
+            use_ema=True if options.use_ema else None, is_demo=is_demo, parameterization=options.parameterization,
+            **({"vae": Path(options.vae)} if options.vae else {}),
+        )
+        if offload:
+            apply_offload(loaded.model, options.offload, device)
+        logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
+        return cls(loaded, device, options, on_note)
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def vae_factor(self) -> int:
+        return self.loaded.vae_factor
+
+    def default_scale(self, mode: str = "txt2img") -> float:
+        """The guidance scale when the request gives none: the model config's recommendation (sampling_defaults),
+        else the original script's (7.5 for txt2img, 5.0 for img2img and inpainting)."""
+        if self.loaded.default_scale is not None:
+            logger.info("guidance scale %g: the model config's default (sampling_defaults.scale); --scale sets another", self.loaded.default_scale)
+            return self.loaded.default_scale
+        return SCRIPT_SCALE[mode]
+
+    # -- deciding --
+    def steps_run(self, settings: SamplingSettings) -> int:
+        """Sampler steps one micro-batch runs: the schedule's length, cut to int(strength x steps) for img2img."""
+        denoiser = Denoiser(None, self.model.alphas_cumprod, self.model.parameterization)
+        n = len(get_sigmas(settings.schedule_name(), denoiser, settings.steps)) - 1
+        return n if settings.strength is None else int(settings.strength * n)
+
+    def plan(self, request: GenerationRequest, image_size: Optional[tuple[int, int]] = None) -> Plan:
+        """Decide size, guidance scale and micro-batch size for `request`. `image_size` (height, width) is the
+        prepared init image's size for img2img / inpainting (already a multiple of the model's size multiple)."""
+        notes: list[str] = []
+        if image_size is not None:
+            height, width = image_size
+        else:
+            native = self.model.image_size * self.vae_factor
+            multiple = self.loaded.size_multiple
+            height = round_size(request.height or native, multiple, "H", notes)
+            width = round_size(request.width or native, multiple, "W", notes)
+        scale = request.scale if request.scale is not None else self.default_scale(request.mode)
+        jobs = request.jobs()
+        settings = request.settings(height, width, scale, micro_batch_size(request), channels=self.model.channels, factor=self.vae_factor)
+        steps = self.steps_run(settings)
+        if request.mode != "txt2img":
+            if steps == 0:
+                notes.append(
+                    f"note: --strength {request.strength:g} of {request.steps} steps re-runs 0 steps: the outputs are the init "
+                    f"image through the VAE; raise --strength or --ddim_steps"
+                )
+            else:
+                notes.append(f"{request.mode}: --strength {request.strength:g} re-runs {steps} of {request.steps} steps")
+        return Plan(jobs, settings, steps, notes)
+
+    def _choose_auto_batch_size(self, engine: Engine, plan: Plan, request: GenerationRequest) -> None:
+        """max_batch_size "auto": measure the memory model on the real engine and pick the largest fitting size."""
+        if request.max_batch_size != "auto" or len(plan.jobs) < 2:
+            return
+        model = measure_memory_model(engine, plan.settings, plan.jobs[:2])
+        budget = memory_budget(self.device, self.model, request.max_memory)
+        plan.settings.max_batch_size = choose_batch_size(model, budget, min(len(plan.jobs), request.n_samples))
+        self.on_note(
+            f"--max_batch_size auto: {plan.settings.max_batch_size} images per micro-batch for a budget of "
+            f"{budget / 2**30:.2f} GB ({model.describe()})"
+        )
+
+    # -- preparing img2img and inpainting --
+    def _engine_for(self, request: GenerationRequest) -> tuple[Engine, Optional[tuple[int, int]]]:
+        if request.mode == "txt2img":
+            return Engine(self.model, self.device, vae_tiling=request.vae_tiling), None
+        if request.mode == "img2img":
+            engine = Engine(self.model, self.device, vae_tiling=request.vae_tiling)
+            multiple = self.loaded.size_multiple
+            init, (w0, h0), (width, height) = load_init_image(request.init_image, multiple)
+            if (w0, h0) != (width, height):
+                self.on_note(f"note: init image {w0}x{h0} resized to {width}x{height} (a multiple of {multiple})")
+            tiles = request.vae_tiling
+            f = self.vae_factor
+            with torch.no_grad():
+                if tiles.applies(height // f, width // f):
+                    engine.init_posterior = encode_tiled(self.model, init.to(self.device), tiles.tile, tiles.overlap, tiles.blend)
+                else:
+                    engine.init_posterior = self.model.encode_first_stage(init.to(self.device))
+            return engine, (height, width)
+        return self._inpaint_engine(request)
+
+    def _inpaint_engine(self, request: GenerationRequest) -> tuple[Engine, tuple[int, int]]:
+        from microbatch.inpaint import CroppingEngine, load_image_and_mask, setup_inpainting
+
+        image, mask, (w, h), notes = load_image_and_mask(request.init_image, request.mask, self.loaded.size_multiple)
+        for text in notes:
+            self.on_note(text)
+        if not mask.any():
+            self.on_note("note: the mask has no white pixels: nothing to repaint")
+        engine = CroppingEngine(self.model, self.device, vae_tiling=request.vae_tiling)
+        engine.crop = (h, w)
+        if setup_inpainting(self, engine, image, mask) == "blend":
+            self.on_note(
+                f"note: {self.loaded.ckpt or 'the model'} is not an inpainting model (its UNet takes "
+                f"{self.model.channels} channels): inpainting by blending the known region's latent at every step"
+            )
+        return engine, (int(image.shape[-2]), int(image.shape[-1]))
+
+    # -- running --
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_image: Optional[Callable[[GeneratedImage], None]] = None,
+        callback: Optional[Callable[[ProgressEvent], None]] = None,
+    ) -> RunResult:
+        """Make the request's images, micro-batched. `on_image` gets each image as soon as its micro-batch is
+        decoded (the scripts save it there); `callback` gets a ProgressEvent after every step and image."""
+        with self._run_lock:
+            self._cancel.clear()
+            self._set_progress(Progress("running"))
+            try:
+                result = self._generate(request, on_image, callback)
+            except BaseException:
+                self._set_progress(replace(self.progress(), state="failed"))
+                raise
+            self.last_result = result
+            self._set_progress(replace(self.progress(), state="cancelled" if result.interrupted else "done", batch_images=0))
+            return result
+
+    def _generate(self, request: GenerationRequest, on_image: Optional[Callable], callback: Optional[Callable]) -> RunResult:
+        engine, image_size = self._engine_for(request)
+        plan = self.plan(request, image_size)
+        for text in plan.notes:
+            self.on_note(text)
+        self._choose_auto_batch_size(engine, plan, request)
+        settings, total = plan.settings, len(plan.jobs)
+        metrics = RunMetrics(device=str(self.device), model_load_s=self.loaded.load_seconds)
+        metrics.settings = self._metrics_settings(request, plan)
+        images: list[GeneratedImage] = []
+        self._set_progress(Progress("running", 0, total, 0, plan.steps_run))
+
+        def on_step(batch_index: int, info: dict) -> None:
+            step = int(info.get("i", 0)) + 1
+            rows = int(info["x"].shape[0]) if "x" in info else 0
+            self._set_progress(Progress("running", len(images), total, step, plan.steps_run, batch_images=rows))
+            if callback is not None:
+                callback(ProgressEvent("step", len(images), total, step, plan.steps_run, batch_index))
+            if self._cancel.is_set():
+                raise Interrupted()
+
+        def on_batch(batch: list[FinishedImage]) -> None:
+            for done in batch:
+                image = GeneratedImage(done.job, to_uint8(done.image), done.latent, self.parameters(done.job, settings))
+                images.append(image)
+                if on_image is not None:
+                    on_image(image)
+                self._set_progress(Progress("running", len(images), total, 0, plan.steps_run))
+                if callback is not None:
+                    callback(ProgressEvent("image", len(images), total, plan.steps_run, plan.steps_run, -1, image))
+            metrics.batch_done(len(batch))
+
+        engine.step_callback = on_step
+        reset_peak_memory(self.device)
+        metrics.start()
+        interrupted = False
+        try:
+            metrics.final_max_batch_size = engine.run(plan.jobs, settings, on_batch)
+        except Interrupted:
+            interrupted = metrics.interrupted = True
+        metrics.finish(self.device)
+        return RunResult(images, plan, metrics, interrupted)
+
+    def parameters(self, job: ImageJob, settings: SamplingSettings) -> str:
+        return png_parameters(job, settings, self.loaded.model_hash, self.options.precision, getattr(self.loaded, "vae_hash", None))
+
+    def _metrics_settings(self, request: GenerationRequest, plan: Plan) -> dict[str, Any]:
+        """The run's settings as plain JSON values."""
+        s = plan.settings
+        a = self.attention
+        attention = a.name if a.name != "sliced" else f"sliced:{a.slice_size or 'auto'}"
+        return {
+            "mode": request.mode, "sampler": s.sampler, "schedule": s.schedule_name(), "steps": s.steps, "eta": s.eta,
+            "scale": s.guidance_scale, "height": s.height, "width": s.width, "n_samples": request.n_samples,
+            "n_iter": request.n_iter, "images": len(plan.jobs), "max_batch_size": s.max_batch_size,
+            "precision": self.options.precision, "dtypes": self.loaded.dtypes.describe(), "attention": attention,
+            "seed": request.seed, "strength": s.strength,
+            "checkpoint": str(self.loaded.ckpt) if self.loaded.ckpt else None, "config": str(self.loaded.config_path),
+        }
+
+    # -- progress and cancellation (any thread) --
+    def _set_progress(self, progress: Progress) -> None:
+        """Store a snapshot, its elapsed time counted from the start of the running call."""
+        with self._state_lock:
+            now = time.perf_counter()
+            if progress.state == "running" and self._progress.state != "running":
+                self._started = now
+            self._progress = replace(progress, elapsed_s=now - self._started)
+
+    def progress(self) -> Progress:
+        with self._state_lock:
+            return self._progress
+
+    def cancel(self) -> None:
+        """Stop the running call after its current sampler step (no-op when idle)."""
+        self._cancel.set()
+
+    # -- the Python API --
+    def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        n: int = 1,
+        steps: int = 50,
+        sampler: str = "ddim",
+        schedule: Optional[str] = None,
+        scale: Optional[float] = None,
+        seed: int = 42,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        eta: Optional[float] = None,
+        max_batch_size: Union[int, str, None] = None,
+        callback: Optional[Callable[[ProgressEvent], None]] = None,
+        **request_fields: Any,
+    ) -> list[Any]:
+        """n images of `prompt` (image i uses seed + i) as PIL images with info["parameters"]. scale None: the
+        model's default; width / height None: its native size. Other keyword arguments are GenerationRequest
+        fields (n_iter, fixed_code, split_guidance, max_memory, vae_tiling...)."""
+        request = GenerationRequest(
+            mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, n_samples=n, steps=steps, sampler=sampler,
+            schedule=schedule, scale=scale, seed=seed, width=width, height=height, eta=eta, max_batch_size=max_batch_size,
+            **request_fields,
+        )
+        return [image.pil() for image in self.generate(request, callback=callback).images]
+
+    def img2img(self, prompt: str, init_image: Any, strength: float = 0.75, callback: Optional[Callable[[ProgressEvent], None]] = None, **kwargs: Any) -> list[Any]:
+        """Like txt2img, from `init_image` (a path or a PIL image) re-run for `strength` of the schedule."""
+        return self._from_image("img2img", prompt, init_image, None, strength, callback, kwargs)
+
+    def inpaint(self, prompt: str, init_image: Any, mask: Any, strength: float = 1.0, callback: Optional[Callable[[ProgressEvent], None]] = None, **kwargs: Any) -> list[Any]:
+        """Repaint the white part of `mask` (a path or a PIL image) in `init_image`; outputs have the input's size."""
+        return self._from_image("inpaint", prompt, init_image, mask, strength, callback, kwargs)
+
+    def _from_image(self, mode: str, prompt: str, init_image: Any, mask: Any, strength: float, callback: Any, kwargs: dict) -> list[Any]:
+        fields = {"n_samples": kwargs.pop("n", 1), "steps": kwargs.pop("steps", 50), "sampler": kwargs.pop("sampler", "ddim"), "seed": kwargs.pop("seed", 42)}
+        if "width" in kwargs or "height" in kwargs:
+            raise UsageError(f"{mode} makes images of the init image's size: it takes no width / height")
+        request = GenerationRequest(mode=mode, prompt=prompt, init_image=init_image, mask=mask, strength=strength, **fields, **kwargs)
+        return [image.pil() for image in self.generate(request, callback=callback).images]
