@@ -26,7 +26,7 @@ from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.images import next_number, save_grid, save_png_atomic
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, load_model
 from microbatch.parameters import FLAG_OF, read_png_settings
-from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent
+from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size
 from microbatch.request import GenerationRequest, ModelOptions, UsageError, read_prompt_file
 from microbatch.vae_tiling import TileSettings
 from samplers import SAMPLERS, SCHEDULES
@@ -63,7 +63,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "default" in text or default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+        if "default" in text or default in (None, False, "", argparse.SUPPRESS) or action.nargs == 0:
             return text
         return f"{text} (default: {default})"
 
@@ -237,8 +237,10 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
                 overridden.append(f"--{flag} {target.get(name)} (PNG: {value})")
             continue
         target[name] = value
-    if "ddim_eta" not in explicit and ({"sampler", "plms"} & explicit):
-        request["eta"] = None  # another sampler than the PNG's: its own default eta
+    if {"sampler", "plms"} & explicit:  # another sampler than the PNG's: its own eta and schedule unless given
+        for name, flag in (("eta", "ddim_eta"), ("schedule", "schedule")):
+            if flag not in explicit:
+                request[name] = None
     for name, value in (("n_samples", 1), ("n_iter", 1), ("fixed_code", False)):
         if name not in explicit:
             request[name] = value
@@ -459,13 +461,6 @@ def one_line(error: BaseException) -> str:
 # -- for code written against the 0.1 internals of this module ------------------------------------------------------
 
 
-def default_scale(loaded: LoadedModel, mode: str = "txt2img") -> float:
-    """The guidance scale when --scale is not given: the model config's recommendation, else the script's."""
-    if loaded.default_scale is not None:
-        return loaded.default_scale
-    return SCRIPT_SCALE[request_mode(mode)]
-
-
 def check_args(args: argparse.Namespace, mode: Mode) -> CommandLine:
     """Every check that needs no model (one UsageError line on failure); the namespace is not changed."""
     return from_args(args, mode)
@@ -480,11 +475,10 @@ class CommandPlan:
 
 def make_plan(args: argparse.Namespace, mode: Mode, height: int, width: int) -> CommandPlan:
     """The images a command line asks for at a given size, without a model (guidance scale: --scale or the
-    script's default; micro-batch as `Pipeline.plan` chooses it for an explicit size, else n_samples up to 8)."""
+    script's default; the micro-batch size as `Pipeline.plan` starts from)."""
     request = GenerationRequest(**_request_fields(args, mode))
     scale = request.scale if request.scale is not None else SCRIPT_SCALE[request.mode]
-    batch = request.max_batch_size if isinstance(request.max_batch_size, int) else min(request.n_samples, 8)
-    settings = request.settings(height, width, scale, batch)
+    settings = request.settings(height, width, scale, micro_batch_size(request))
     return CommandPlan(request.jobs(), settings, args.n_rows)
 
 

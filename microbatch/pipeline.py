@@ -141,6 +141,15 @@ def resolve_checkpoint(ckpt: Optional[str]) -> tuple[Optional[Path], bool, Optio
     raise UsageError(f"no checkpoint: pass --ckpt path/to/model.ckpt (.ckpt or .safetensors), or place one at {DEFAULT_CKPT}")
 
 
+def default_scale(loaded: LoadedModel, mode: str = "txt2img") -> float:
+    """The guidance scale when the request gives none: the model config's recommendation (sampling_defaults),
+    else the original script's (7.5 for txt2img, 5.0 for img2img and inpainting)."""
+    if loaded.default_scale is not None:
+        logger.info("guidance scale %g: the model config's default (sampling_defaults.scale); --scale sets another", loaded.default_scale)
+        return loaded.default_scale
+    return SCRIPT_SCALE["txt2img" if mode == "batch_gen" else mode]
+
+
 def micro_batch_size(request: GenerationRequest) -> int:
     """The micro-batch size before any measurement: the request's number, else a prompt batch of n_samples images
     up to DEFAULT_MAX_BATCH. ("auto" starts here too and is then measured, see `Pipeline.generate`.)"""
@@ -226,12 +235,7 @@ class Pipeline:
         return self.loaded.vae_factor
 
     def default_scale(self, mode: str = "txt2img") -> float:
-        """The guidance scale when the request gives none: the model config's recommendation (sampling_defaults),
-        else the original script's (7.5 for txt2img, 5.0 for img2img and inpainting)."""
-        if self.loaded.default_scale is not None:
-            logger.info("guidance scale %g: the model config's default (sampling_defaults.scale); --scale sets another", self.loaded.default_scale)
-            return self.loaded.default_scale
-        return SCRIPT_SCALE[mode]
+        return default_scale(self.loaded, mode)
 
     # -- deciding --
     def steps_run(self, settings: SamplingSettings) -> int:

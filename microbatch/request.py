@@ -89,7 +89,7 @@ class GenerationRequest:
     `scale` None means the model's default (its config's recommendation, else 7.5 for txt2img and 5.0 for
     img2img / inpaint), decided by the pipeline once the model is known. `height` / `width` None mean the model's
     native size (txt2img) or the init image's size (img2img, inpaint). `eta` None becomes the sampler's own
-    default and `strength` None the mode's, here. `max_batch_size` None lets the pipeline choose (see
+    default, `schedule` None the sampler's own schedule and `strength` None the mode's, here. `max_batch_size` None lets the pipeline choose (see
     `Pipeline.plan`); "auto" picks the largest micro-batch that fits the memory budget (`max_memory` GB or the
     device's free memory).
     """
@@ -130,7 +130,9 @@ class GenerationRequest:
             info = get_sampler(self.sampler)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        if self.schedule is not None and self.schedule not in SCHEDULES:
+        if self.schedule is None:
+            object.__setattr__(self, "schedule", info.default_schedule)
+        elif self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}")
         if self.eta is None:
             object.__setattr__(self, "eta", info.default_eta)
@@ -211,9 +213,11 @@ class GenerationRequest:
         )
 
     def with_changes(self, **changes: Any) -> "GenerationRequest":
-        """A copy with some fields changed, validated again (eta and strength are re-derived unless given)."""
-        if "sampler" in changes and "eta" not in changes:
-            changes["eta"] = None
+        """A copy with some fields changed, validated again (a new sampler brings its own eta and schedule unless
+        they are given too)."""
+        if "sampler" in changes:
+            changes.setdefault("eta", None)
+            changes.setdefault("schedule", None)
         return replace(self, **changes)
 
 

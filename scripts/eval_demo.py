@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from microbatch.cli import default_scale  # noqa: E402
+from microbatch.pipeline import default_scale  # noqa: E402
 from microbatch.demo.analyze import analyze, score  # noqa: E402
 from microbatch.demo.shapes import BACKGROUNDS, COLORS, SHAPES, all_combinations, caption, render  # noqa: E402
 from microbatch.devices import choose_dtypes, parse_device  # noqa: E402

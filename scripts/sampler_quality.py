@@ -133,7 +133,7 @@ def _shown(path: Path) -> str:
 
 def real_problem(args) -> Optional[tuple[Denoiser, torch.Tensor, str]]:
     """(denoiser, start noise, description) of a real model, or None when there is none to load."""
-    from microbatch.cli import default_scale
+    from microbatch.pipeline import default_scale
     from microbatch.devices import Dtypes, parse_device
     from microbatch.loading import demo_checkpoint, load_model
 
