@@ -113,3 +113,13 @@ def load_init_image(path: "Path | Image.Image", multiple: int) -> tuple[torch.Te
     array = np.asarray(image, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
     return 2.0 * tensor - 1.0, (w, h), (new_w, new_h)
+
+
+def save_image(image: Image.Image, path: "str | Path") -> Path:
+    """Save a PIL image from the Python API as PNG with its info["parameters"] text chunk (PIL alone drops it)."""
+    info = PngImagePlugin.PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    path = Path(path)
+    image.save(path, format="PNG", pnginfo=info)
+    return path

@@ -134,3 +134,12 @@ def test_metrics_settings_are_plain_values(tiny_ckpt, tmp_path):
     settings = json.loads((tmp_path / "m.json").read_text())["settings"]
     assert settings["attention"] == "sliced:2"
     assert all(v is None or isinstance(v, (str, int, float, bool)) for v in settings.values()), settings
+
+
+def test_save_image_keeps_the_parameters(pipe, tmp_path):
+    from microbatch.images import save_image
+
+    image = pipe.txt2img("a cat", steps=1, width=32, height=32)[0]
+    path = save_image(image, tmp_path / "x.png")
+    with Image.open(path) as again:
+        assert again.info["parameters"] == image.info["parameters"] and again.tobytes() == image.tobytes()
