@@ -9,24 +9,30 @@ and meanings; new ones are documented in the README.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ldm.checkpoint import CheckpointError
 from ldm.modules.attention_backends import BACKENDS
 from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.images import next_number, save_grid, save_png_atomic
+from microbatch.job import file_sha256, item_path, job_settings
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, load_model
 from microbatch.parameters import FLAG_OF, read_png_settings
-from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size
+from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
+from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, prepare_job, rank_device, run_job, set_cpu_threads
 from microbatch.request import GenerationRequest, ModelOptions, UsageError, read_prompt_file
 from microbatch.vae_tiling import TileSettings
 from samplers import SAMPLERS, SCHEDULES
@@ -144,6 +150,8 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--skip_save", action="store_true", help="do not save individual samples (for speed measurements)")
     g.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default 0: one row per prompt batch of n_samples images, as the original)")
     g.add_argument("--metrics_json", type=str, default=None, help="also write the run's metrics and settings as JSON here")
+    if mode in ("txt2img", "batch_gen"):
+        g.add_argument("--resume", action="store_true", help="complete the job in --outdir: skip the images its manifest records intact, make the rest (see 'Many GPUs and machines' in the README)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
     return p
@@ -283,6 +291,7 @@ class CommandLine:
     output: OutputOptions
     notes: list
     png_model_hash: Optional[str] = None
+    png_path: Optional[str] = None
     C: int = 4
     f: int = 8
 
@@ -301,7 +310,7 @@ def from_args(args: argparse.Namespace, mode: Mode, explicit: Optional[set[str]]
     req = GenerationRequest(**request)
     output = OutputOptions(args.outdir, args.skip_save, args.skip_grid, args.n_rows, args.metrics_json, args.quiet)
     check_output(output)
-    return CommandLine(mode, options, req, output, notes, png_hash, args.C, args.f)
+    return CommandLine(mode, options, req, output, notes, png_hash, getattr(args, "from_png", None), args.C, args.f)
 
 
 def grid_columns(n_rows: int, n_samples: int, images: int) -> int:
@@ -311,17 +320,99 @@ def grid_columns(n_rows: int, n_samples: int, images: int) -> int:
     return max(1, -(-images // n_rows))
 
 
-def run(args: argparse.Namespace, mode: Mode, explicit: Optional[set[str]] = None) -> int:
-    cmd = from_args(args, mode, explicit)
-    for text in cmd.notes:
-        print(text)
-    pipeline = Pipeline.load(cmd.options, on_note=print, loader=load_model)
+def is_job(args: argparse.Namespace, mode: Mode) -> bool:
+    """batch_gen always runs as a job (files named by item, manifest, resume); txt2img with --resume or torchrun."""
+    return mode == "batch_gen" or (mode == "txt2img" and (getattr(args, "resume", False) or launched_by_torchrun()))
+
+
+def load_pipeline(cmd: CommandLine, on_note: Any = print) -> Pipeline:
+    pipeline = Pipeline.load(cmd.options, on_note=on_note, loader=load_model)
     model = pipeline.model
     if cmd.f != pipeline.vae_factor or cmd.C != model.channels:
         raise UsageError(f"--C {cmd.C} / --f {cmd.f} do not match the model (C={model.channels}, f={pipeline.vae_factor})")
     if cmd.png_model_hash and cmd.png_model_hash != pipeline.loaded.model_hash:
-        print(f"note: {args.from_png} was made with model hash {cmd.png_model_hash}; this checkpoint's is {pipeline.loaded.model_hash}")
-    return execute(pipeline, cmd)
+        print(f"note: {cmd.png_path} was made with model hash {cmd.png_model_hash}; this checkpoint's is {pipeline.loaded.model_hash}")
+    return pipeline
+
+
+def run(args: argparse.Namespace, mode: Mode, explicit: Optional[set[str]] = None) -> int:
+    if is_job(args, mode):
+        return run_job_command(args, mode, explicit)
+    cmd = from_args(args, mode, explicit)
+    for text in cmd.notes:
+        print(text)
+    return execute(load_pipeline(cmd), cmd)
+
+
+GRID_LIMIT = 1024  # a job's grid is made from its files up to this many images
+
+
+def run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[set[str]]) -> int:
+    """A job on one process or on every torchrun rank: the same items, files and manifest either way."""
+    rank = init_rank()
+    try:
+        return _run_job_command(args, mode, explicit, rank)
+    except JobStopped as e:
+        return e.code
+    finally:
+        if rank.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[set[str]], rank: Rank) -> int:
+    lead = rank.rank == 0
+    note = print if lead else (lambda text: logger.debug("%s: %s", rank.name, text))
+    cmd = from_args(args, mode, explicit)
+    if rank.distributed:
+        cmd.options = dataclasses.replace(cmd.options, device=rank_device(rank, cmd.options.device))
+        if cmd.options.device == "cpu":
+            set_cpu_threads(rank)
+    for text in cmd.notes if lead else []:
+        print(text)
+    ckpt, _, _ = resolve_checkpoint(cmd.options.ckpt)
+    model_hash = file_sha256(ckpt)[:10] if ckpt is not None else "random"
+    outdir = Path(cmd.output.outdir)
+    todo = prepare_job(rank, outdir, cmd.request, job_settings(cmd.request, model_hash, cmd.options.precision), args.resume, note)
+    if not todo:
+        note(f"nothing to do: all {len(cmd.request.jobs())} images of the job in {outdir} are done")
+        return 0
+    pipeline = load_pipeline(cmd, note)
+    progress = _Progress(quiet=cmd.output.quiet or not lead)
+    stop = _StopOnSignal(pipeline)
+    start = time.perf_counter()
+    with stop:
+        try:
+            report = run_job(pipeline, rank, cmd.request, outdir, todo, callback=progress.event)
+        finally:
+            progress.close()
+    reports = gather(rank, report)
+    if not lead:
+        return 128 + stop.signum if report.interrupted and stop.signum else 0
+    items = cmd.request.jobs()
+    settings = dict(pipeline.last_result.metrics.settings) if pipeline.last_result else {}
+    settings.update(images=len(items), world_size=rank.world_size, resumed=len(items) - len(todo))
+    metrics = job_metrics(reports, pipeline.loaded.load_seconds, settings, time.perf_counter() - start)
+    metrics.device = str(pipeline.device)
+    out = cmd.output
+    finished = [p for p in (item_path(outdir, item.index) for item in items) if p.is_file()]
+    if not out.skip_grid and finished and len(finished) == len(items):
+        if len(items) <= GRID_LIMIT:
+            arrays = [np.asarray(Image.open(p).convert("RGB")) for p in finished]
+            save_grid(arrays, outdir, grid_columns(out.n_rows, cmd.request.n_samples, len(arrays)))
+        else:
+            print(f"note: no grid for {len(items)} images (more than {GRID_LIMIT})")
+    if metrics.interrupted:
+        print(f"Stopped after {metrics.images} new images; {len(finished)} of {len(items)} are in {outdir} (--resume completes the job)")
+    else:
+        print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
+    print(metrics.report())
+    if out.metrics_json:
+        metrics.write_json(Path(out.metrics_json))
+    if metrics.interrupted:
+        return 128 + (stop.signum or signal.SIGINT)
+    return 0
 
 
 def execute(pipeline: Pipeline, cmd: CommandLine) -> int:

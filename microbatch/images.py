@@ -35,11 +35,14 @@ def next_number(folder: Path, pattern: re.Pattern = _NUMBERED) -> int:
     return highest + 1
 
 
-def save_png_atomic(array: np.ndarray, folder: Path, number: int, fmt: str = "{:05}.png", text: Optional[dict[str, str]] = None) -> Path:
-    """Write array as folder/fmt.format(n) for the first n >= number that is free, never overwriting a file.
+def save_png_atomic(
+    array: np.ndarray, folder: Path, number: int, fmt: str = "{:05}.png", text: Optional[dict[str, str]] = None, replace: bool = False
+) -> Path:
+    """Write array as folder/fmt.format(n) for the first n >= number that is free, never overwriting a file; with
+    `replace`, as exactly folder/fmt.format(number), atomically replacing a file of that name (a job's item file).
 
-    The PNG is written to a temporary file in the same folder and then linked into place, so a reader never sees
-    a partial image and an existing file is never replaced.
+    The PNG is written to a temporary file in the same folder and then linked (or renamed) into place, so a reader
+    never sees a partial image.
     """
     folder.mkdir(parents=True, exist_ok=True)
     info = None
@@ -53,6 +56,10 @@ def save_png_atomic(array: np.ndarray, folder: Path, number: int, fmt: str = "{:
             Image.fromarray(array).save(f, format="PNG", pnginfo=info)
             f.flush()
             os.fsync(f.fileno())
+        if replace:
+            target = folder / fmt.format(number)
+            os.replace(tmp, target)
+            return target
         n = number
         while True:
             target = folder / fmt.format(n)

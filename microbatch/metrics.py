@@ -26,6 +26,7 @@ class RunMetrics:
     final_max_batch_size: Optional[int] = None
     interrupted: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # a distributed job's per-rank figures
     _start: Optional[float] = None
     _last: Optional[float] = None
 
@@ -68,6 +69,11 @@ class RunMetrics:
         lines.append(f"Model load took {self.model_load_s:.2f} seconds")
         label = "Peak GPU memory allocated" if self.peak_memory_kind == "GPU memory allocated" else f"Peak {self.peak_memory_kind}"
         lines.append(f"{label}: {self.peak_memory_mb:.2f} MB")
+        for r in self.ranks if len(self.ranks) > 1 else []:
+            lines.append(
+                f"  {r['rank']}: {r['images']} images, {r['images_per_s'] or 0:.3f} images/s, idle {100 * r['idle_fraction']:.1f}%, "
+                f"first image {r['first_image_s'] or 0:.2f} s, peak {r['peak_memory_mb']:.0f} MB"
+            )
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:

@@ -244,9 +244,10 @@ class Pipeline:
         n = len(get_sigmas(settings.schedule_name(), denoiser, settings.steps)) - 1
         return n if settings.strength is None else int(settings.strength * n)
 
-    def plan(self, request: GenerationRequest, image_size: Optional[tuple[int, int]] = None) -> Plan:
+    def plan(self, request: GenerationRequest, image_size: Optional[tuple[int, int]] = None, jobs: Optional[list[ImageJob]] = None) -> Plan:
         """Decide size, guidance scale and micro-batch size for `request`. `image_size` (height, width) is the
-        prepared init image's size for img2img / inpainting (already a multiple of the model's size multiple)."""
+        prepared init image's size for img2img / inpainting (already a multiple of the model's size multiple);
+        `jobs` the images to make (default: all of `request.jobs()`)."""
         notes: list[str] = []
         if image_size is not None:
             height, width = image_size
@@ -256,7 +257,7 @@ class Pipeline:
             height = round_size(request.height or native, multiple, "H", notes)
             width = round_size(request.width or native, multiple, "W", notes)
         scale = request.scale if request.scale is not None else self.default_scale(request.mode)
-        jobs = request.jobs()
+        jobs = request.jobs() if jobs is None else list(jobs)
         settings = request.settings(height, width, scale, micro_batch_size(request), channels=self.model.channels, factor=self.vae_factor)
         steps = self.steps_run(settings)
         if request.mode != "txt2img":
@@ -269,17 +270,20 @@ class Pipeline:
                 notes.append(f"{request.mode}: --strength {request.strength:g} re-runs {steps} of {request.steps} steps")
         return Plan(jobs, settings, steps, notes)
 
-    def _choose_auto_batch_size(self, engine: Engine, plan: Plan, request: GenerationRequest) -> None:
-        """max_batch_size "auto": measure the memory model on the real engine and pick the largest fitting size."""
-        if request.max_batch_size != "auto" or len(plan.jobs) < 2:
-            return
+    def auto_batch_size(self, engine: Engine, plan: Plan, request: GenerationRequest) -> int:
+        """max_batch_size "auto": measure the memory model on the real engine and return the largest micro-batch
+        (at most the plan's images and n_samples) that fits the budget (`max_memory` GB, else the free memory)."""
         model = measure_memory_model(engine, plan.settings, plan.jobs[:2])
         budget = memory_budget(self.device, self.model, request.max_memory)
-        plan.settings.max_batch_size = choose_batch_size(model, budget, min(len(plan.jobs), request.n_samples))
-        self.on_note(
-            f"--max_batch_size auto: {plan.settings.max_batch_size} images per micro-batch for a budget of "
-            f"{budget / 2**30:.2f} GB ({model.describe()})"
-        )
+        size = choose_batch_size(model, budget, min(len(plan.jobs), request.n_samples))
+        self.on_note(f"--max_batch_size auto: {size} images per micro-batch for a budget of {budget / 2**30:.2f} GB ({model.describe()})")
+        return size
+
+    def measure_batch_size(self, request: GenerationRequest) -> int:
+        """The "auto" micro-batch size for `request` on this device, measured once (job runners use it)."""
+        engine, image_size = self._engine_for(request)
+        plan = self.plan(request, image_size)
+        return self.auto_batch_size(engine, plan, request) if len(plan.jobs) >= 2 else 1
 
     # -- preparing img2img and inpainting --
     def _engine_for(self, request: GenerationRequest) -> tuple[Engine, Optional[tuple[int, int]]]:
@@ -324,14 +328,16 @@ class Pipeline:
         request: GenerationRequest,
         on_image: Optional[Callable[[GeneratedImage], None]] = None,
         callback: Optional[Callable[[ProgressEvent], None]] = None,
+        jobs: Optional[list[ImageJob]] = None,
     ) -> RunResult:
         """Make the request's images, micro-batched. `on_image` gets each image as soon as its micro-batch is
-        decoded (the scripts save it there); `callback` gets a ProgressEvent after every step and image."""
+        decoded (the scripts save it there); `callback` gets a ProgressEvent after every step and image. `jobs`:
+        only these of the request's images (a job runner's share), default all."""
         with self._run_lock:
             self._cancel.clear()
             self._set_progress(Progress("running"))
             try:
-                result = self._generate(request, on_image, callback)
+                result = self._generate(request, on_image, callback, jobs)
             except BaseException:
                 self._set_progress(replace(self.progress(), state="failed"))
                 raise
@@ -339,12 +345,13 @@ class Pipeline:
             self._set_progress(replace(self.progress(), state="cancelled" if result.interrupted else "done", batch_images=0))
             return result
 
-    def _generate(self, request: GenerationRequest, on_image: Optional[Callable], callback: Optional[Callable]) -> RunResult:
+    def _generate(self, request: GenerationRequest, on_image: Optional[Callable], callback: Optional[Callable], jobs: Optional[list[ImageJob]]) -> RunResult:
         engine, image_size = self._engine_for(request)
-        plan = self.plan(request, image_size)
+        plan = self.plan(request, image_size, jobs)
         for text in plan.notes:
             self.on_note(text)
-        self._choose_auto_batch_size(engine, plan, request)
+        if request.max_batch_size == "auto" and len(plan.jobs) >= 2:
+            plan.settings.max_batch_size = self.auto_batch_size(engine, plan, request)
         settings, total = plan.settings, len(plan.jobs)
         metrics = RunMetrics(device=str(self.device), model_load_s=self.loaded.load_seconds)
         metrics.settings = self._metrics_settings(request, plan)

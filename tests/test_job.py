@@ -1,0 +1,147 @@
+"""Jobs: files named by item, the manifest, --resume, another job's outdir, and torchrun ranks sharing a queue
+(subprocesses on the loopback address, bounded in time; every process they start is stopped)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.script_utils import REPO, load_script
+
+TINY = str(REPO / "configs" / "tiny" / "tiny-v1.yaml")
+JOB = ["--prompt", "a cat", "--n_samples", "7", "--max_batch_size", "2", "--W", "32", "--H", "32", "--ddim_steps", "3",
+       "--precision", "full", "--quiet", "--device", "cpu", "--config", TINY]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # rendezvous on a free loopback port
+
+
+def manifest(outdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (outdir / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
+def pixels(outdir: Path) -> dict[str, bytes]:
+    out = {}
+    for path in sorted((outdir / "samples").glob("*.png")):
+        with Image.open(path) as im:
+            out[path.name] = im.tobytes() + im.info["parameters"].encode()
+    return out
+
+
+@pytest.fixture
+def single(tmp_path, tiny_ckpt, monkeypatch):
+    """One process (1 thread, as each CPU rank below): the reference images of the job."""
+    monkeypatch.chdir(tmp_path)
+    assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", "one"]) == 0
+    return tmp_path / "one"
+
+
+def test_files_are_named_by_item_and_recorded(single):
+    lines = manifest(single)
+    assert sorted(line["index"] for line in lines) == list(range(7))
+    assert sorted(p.name for p in (single / "samples").glob("*.png")) == [f"{i:05d}.png" for i in range(7)]
+    for line in lines:
+        assert line["file"] == f"samples/{line['index']:05d}.png" and line["seed"] == 42 + line["index"] and line["rank"] == "rank0"
+    job = json.loads((single / "job.json").read_text())
+    assert job["request"]["prompt"] == "a cat" and "max_batch_size" not in job["request"]
+
+
+def test_rerun_needs_resume_and_resume_redoes_only_damaged_items(single, tiny_ckpt, capsys):
+    batch_gen = load_script("batch_gen")
+    before = pixels(single)
+    capsys.readouterr()
+    assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", str(single)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --resume" in err and err.count("\n") == 1
+    assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", str(single), "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out and len(manifest(single)) == 7
+    # Damage two items (one truncated, one removed) and resume with another micro-batch size: exactly those are redone.
+    data = (single / "samples" / "00003.png").read_bytes()
+    (single / "samples" / "00003.png").write_bytes(data[: len(data) // 2])
+    (single / "samples" / "00005.png").unlink()
+    assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", str(single), "--resume", "--max_batch_size", "3"]) == 0
+    assert "5 of 7 images done, 2 to make (1 damaged or unrecorded files redone)" in capsys.readouterr().out
+    assert pixels(single) == before
+    assert sorted(line["index"] for line in manifest(single)[7:]) == [3, 5]
+
+
+def test_another_jobs_outdir_is_refused(single, tiny_ckpt, capsys):
+    other = [a if a != "a cat" else "a dog" for a in JOB]
+    assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *other, "--outdir", str(single), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another job" in err and "'a cat' there, 'a dog' now" in err and err.count("\n") == 1
+
+
+def _torchrun(tiny_ckpt: Path, outdir: Path, extra: list[str], cwd: Path) -> subprocess.Popen:
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", str(REPO / "scripts" / "batch_gen.py"), "--ckpt", str(tiny_ckpt), *JOB, *extra, "--outdir", str(outdir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MICROBATCH_TEST_JOB": str(outdir)}
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+def test_torchrun_two_ranks_make_the_same_images(single, tiny_ckpt, tmp_path):
+    code, out = _finish(_torchrun(tiny_ckpt, tmp_path / "two", ["--metrics_json", str(tmp_path / "m.json")], tmp_path))
+    assert code == 0, out[-3000:]
+    assert pixels(tmp_path / "two") == pixels(single)
+    assert sorted(line["index"] for line in manifest(tmp_path / "two")) == list(range(7))
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["images"] == 7 and [r["rank"] for r in metrics["ranks"]] == ["rank0", "rank1"]
+    assert sum(r["images"] for r in metrics["ranks"]) == 7
+
+
+def _rank_pids(marker: str) -> dict[int, int]:
+    """{RANK: pid} of the torchrun workers started with MICROBATCH_TEST_JOB=marker in their environment."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text(errors="replace").split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if env.get("MICROBATCH_TEST_JOB") == marker and "LOCAL_RANK" in env:
+            out[int(env["RANK"])] = int(entry.name)
+    return out
+
+
+def test_a_killed_rank_then_resume_gives_every_item_once(single, tiny_ckpt, tmp_path):
+    outdir = tmp_path / "killed"
+    slow = ["--ddim_steps", "250", "--n_samples", "10"]  # long enough to kill a rank mid-job
+    proc = _torchrun(tiny_ckpt, outdir, slow, tmp_path)
+    deadline = time.time() + 180
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        if (outdir / "manifest.jsonl").is_file() and manifest(outdir):
+            pids = _rank_pids(str(outdir))
+            if 1 in pids:
+                os.kill(pids[1], signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    code, out = _finish(proc)
+    assert killed and code != 0, out[-3000:]
+    done_before = {line["index"] for line in manifest(outdir)}
+    assert len(done_before) < 10
+    assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", str(outdir), "--resume"]) == 0
+    indices = [line["index"] for line in manifest(outdir)]
+    assert sorted(indices) == list(range(10))  # every item exactly once
+    assert not list(outdir.rglob(".partial*"))
+    # The same images as one uninterrupted process with the same settings.
+    shutil.rmtree(single)
+    assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", str(single)]) == 0
+    assert pixels(outdir) == pixels(single)
