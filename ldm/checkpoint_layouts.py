@@ -100,17 +100,19 @@ def _lora_kind(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
 def what_file_is(state_dict: dict[str, torch.Tensor]) -> Optional[tuple[str, str]]:
     """(what the file is, what to do with it) for files that hold a part of a model or an add-on rather than a
     full checkpoint; None for a full checkpoint (or a damaged one, left to the strict key check to explain)."""
+    unet = _has(state_dict, (_UNET, "model_ema.diffusion_model"))
+    vae = _has(state_dict, (_VAE,))
+    text = _has(state_dict, (_TEXT,))
+    if _has(state_dict, ("control_model.",)):
+        return "a ControlNet model (control_model.*)", "pass a full checkpoint"
+    if unet and vae:
+        return None  # a full model, perhaps with stray keys: the strict key check names them
     lora = _lora_kind(state_dict)
     if lora:
         return f"a LoRA ({lora})", "it modifies a base model; pass the base model's checkpoint"
     if "emb_params" in state_dict or ({"clip_l", "clip_g"} & set(state_dict) and len(state_dict) <= 2):
         key = "emb_params" if "emb_params" in state_dict else "clip_l / clip_g"
         return f"a textual-inversion embedding ({key})", "pass a full checkpoint"
-    if _has(state_dict, ("control_model.",)):
-        return "a ControlNet model (control_model.*)", "pass a full checkpoint"
-    unet = _has(state_dict, (_UNET, "model_ema.diffusion_model"))
-    vae = _has(state_dict, (_VAE,))
-    text = _has(state_dict, (_TEXT,))
     if not (unet or vae or text):
         if _has(state_dict, ("encoder.down_blocks.", "decoder.up_blocks.")):
             return "a VAE in the diffusers layout (encoder.down_blocks.*)", "convert it to the original layout to use it with --vae"
@@ -164,11 +166,11 @@ def vae_weights(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, t
     else:
         weights = dict(state_dict)
     weights = {k: v for k, v in weights.items() if not k.startswith(_VAE_IGNORED)}
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in weights):
+        raise CheckpointError(f"{source} holds no VAE weights (it is a VAE in the diffusers layout, encoder.down_blocks.*): convert it to the original layout")
     if not any(k.startswith(_BARE_VAE) for k in weights):
         kind = what_file_is(state_dict)
         what = f" (it is {kind[0]})" if kind else ""
-        if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in weights):
-            what = " (it is a VAE in the diffusers layout: convert it to the original layout)"
         raise CheckpointError(f"{source} holds no VAE weights{what}: a VAE file has encoder.* / decoder.* keys, with or without first_stage_model.")
     return weights
 

@@ -342,6 +342,16 @@ def test_format_comes_from_the_content_not_the_suffix(tmp_path, tiny_model):
     _assert_same_weights(load_model_from_config(TINY_CONFIG, renamed), tiny_model.state_dict())
 
 
+def test_legacy_torch_format_and_stray_lora_keys(tmp_path, tiny_model):
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": tiny_model.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    _assert_same_weights(load_model_from_config(TINY_CONFIG, legacy), tiny_model.state_dict())
+    # A full checkpoint with a stray LoRA key is a full checkpoint whose extra key the strict check names.
+    sd = {**tiny_model.state_dict(), "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}
+    with pytest.raises(CheckpointError, match=r"does not fit the model config: 1 unexpected weights, e.g. lora_unet_mid"):
+        load_model_from_config(TINY_CONFIG, _save(sd, tmp_path / "stray.safetensors"))
+
+
 # --- the shipped demo file (issue 18 item 11) ----------------------------------------------------------------------
 
 
