@@ -1,5 +1,8 @@
 """Reading checkpoint files safely and loading them with a strict, explained key check.
 
+The format is recognised from the first bytes (safetensors, torch zip, legacy pickle), whatever the suffix;
+anything else (an image, a web page, a Git LFS pointer) is "not a checkpoint", said before any unpickling.
+
 .ckpt files are unpickled with `torch.load(weights_only=True)`: only tensors and plain containers. Lightning
 checkpoints also pickle training objects (callbacks, loop states); those are replaced by inert placeholders that
 execute nothing, so the weights still load. Anything else that needs arbitrary code to unpickle is refused.

@@ -1,5 +1,7 @@
 """Finding, configuring and loading a model for the scripts: checkpoint path, config (given, beside the file, or
-inferred from the weights' shapes), precision per component and the attention backend."""
+inferred from the weights' shapes: the one place of config inference), a separate VAE (given, or
+`<stem>.vae.*` beside the checkpoint), precision per component and the attention backend. Reading and building go
+through the one loader in `ldm` (`ldm.checkpoint_layouts.read_model_checkpoint`, `ldm.util.build_model`)."""
 from __future__ import annotations
 
 import hashlib
