@@ -1,5 +1,8 @@
 """Reading checkpoint files safely and loading them with a strict, explained key check.
 
+The format is recognised from the first bytes (safetensors, torch zip, legacy pickle), whatever the suffix;
+anything else (an image, a web page, a Git LFS pointer) is "not a checkpoint", said before any unpickling.
+
 .ckpt files are unpickled with `torch.load(weights_only=True)`: only tensors and plain containers. Lightning
 checkpoints also pickle training objects (callbacks, loop states); those are replaced by inert placeholders that
 execute nothing, so the weights still load. Anything else that needs arbitrary code to unpickle is refused.
@@ -11,7 +14,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -68,9 +71,64 @@ def _torch_load_restricted(path: Path) -> Any:
             placeholders.append(_placeholder_for(name))
 
 
-def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return (state_dict, metadata) of a .ckpt / .pt / .pth / .bin (torch zip or legacy pickle) or .safetensors
-    file. The state dict may be wrapped as {"state_dict": ...}; metadata holds `global_step` when present."""
+# File signatures of things people mistake for checkpoints, checked before any unpickling (a PNG renamed to .ckpt
+# is not a pickle that "would run code").
+_NOT_CHECKPOINTS = (
+    (b"\x89PNG\r\n\x1a\n", "it is a PNG image"),
+    (b"\xff\xd8\xff", "it is a JPEG image"),
+    (b"GIF87a", "it is a GIF image"),
+    (b"GIF89a", "it is a GIF image"),
+    (b"%PDF", "it is a PDF document"),
+    (b"\x1f\x8b", "it is a gzip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "it is a 7-Zip archive"),
+    (b"Rar!", "it is a RAR archive"),
+    (b"GGUF", "it is a GGUF file"),
+    (b"version https://git-lfs", "it is a Git LFS pointer: the real file was never downloaded (`git lfs pull`)"),
+)
+FileFormat = Literal["safetensors", "torch-zip", "pickle"]
+
+
+def _not_a_checkpoint(head: bytes) -> str:
+    for magic, what in _NOT_CHECKPOINTS:
+        if head.startswith(magic):
+            return what
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "it is a WebP image"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        text = head.decode("ascii").strip()
+        first = text.splitlines()[0][:40] if text else ""
+        if first.lower().startswith(("<!doctype html", "<html")):
+            return "it is an HTML page, perhaps a failed download"
+        return f"it is a text file starting {first!r}"
+    return f"unrecognised content starting with bytes {head[:8].hex(' ')}"
+
+
+def sniff_format(path: Union[str, Path]) -> FileFormat:
+    """The checkpoint format of `path` from its first bytes, whatever its suffix: "safetensors" (8-byte header
+    length, then a JSON header), "torch-zip" (torch.save's zip archive) or "pickle" (legacy torch.save).
+
+    Raises CheckpointError "X is not a checkpoint (it is a PNG image)" for anything else, before unpickling."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "torch-zip"  # a truncated archive: torch.load says it is corrupted
+        if not any(name.endswith("data.pkl") for name in names):
+            raise CheckpointError(f"{path} is not a checkpoint (it is a zip archive without PyTorch's data.pkl, holding e.g. {', '.join(names[:3])})")
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(f"{path} is not a checkpoint ({_not_a_checkpoint(head)})")
+
+
+def check_readable(path: Union[str, Path]) -> Path:
+    """`path` as a Path when it names a non-empty file, else CheckpointError."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -78,7 +136,21 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint file is empty: {path}")
-    if path.suffix == ".safetensors":
+    return path
+
+
+def _embedding_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is a textual-inversion embedding ({what}), not a checkpoint")
+
+
+def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state_dict, metadata) of a .ckpt / .pt / .pth / .bin (torch zip or legacy pickle) or .safetensors
+    file; the format is recognised from the content, not the suffix. The state dict may be wrapped as
+    {"state_dict": ...}; metadata holds `global_step` when present. Files that are no checkpoint at all (an image,
+    a text page, an embedding) raise CheckpointError saying what they are."""
+    path = check_readable(path)
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -92,8 +164,12 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
         raise
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError, KeyError) as e:
         raise CheckpointError(f"checkpoint file is truncated or corrupted: {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if isinstance(obj, torch.Tensor):
+        raise _embedding_error(path, f"a single tensor of shape {tuple(obj.shape)}")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    if isinstance(obj.get("string_to_param"), dict):
+        raise _embedding_error(path, "string_to_param")
     meta = {k: obj[k] for k in ("global_step", "epoch") if k in obj and isinstance(obj[k], (int, float))}
     state_dict = obj.get("state_dict", obj)
     if not isinstance(state_dict, dict):
@@ -159,26 +235,64 @@ def describe_family(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
     return ", ".join(parts) if parts else None
 
 
+def _select_ema(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], use_ema: bool, source: str) -> None:
+    """Put the file's EMA UNet weights (`model_ema.*`) in place of its training weights, in `state_dict`: when
+    `use_ema` asks for them, or when the file has no other UNet weights (an EMA-only file)."""
+    unet = [k for k in own if k.startswith("model.diffusion_model.")]
+    with_ema = [k for k in unet if ema_key(k) in state_dict]
+    ema_only = bool(with_ema) and not any(k in state_dict for k in unet)
+    if not (use_ema or ema_only):
+        return
+    if not with_ema:
+        logger.info("use_ema is set but %s holds no EMA weights; using its UNet weights", source)
+        return
+    for key in with_ema:
+        state_dict[key] = state_dict.pop(ema_key(key))
+    if ema_only and not use_ema:
+        logger.info("%s holds its UNet only as EMA weights (model_ema.*): loaded them into %d UNet tensors", source, len(with_ema))
+    else:
+        logger.info("loaded EMA weights into %d UNet tensors", len(with_ema))
+
+
+def _take_scale_factor(model: torch.nn.Module, value: float, source: str) -> None:
+    """A `scale_factor` tensor in the file (the demo model's measured latent scale; the original's scale_by_std
+    buffer) replaces the config's value: it is used, not ignored."""
+    config_value = float(model.scale_factor)
+    if abs(value - config_value) > 1e-5 * max(abs(config_value), 1e-12):
+        logger.info("scale_factor %.6g from %s replaces the config's %.6g", value, source, config_value)
+    model.scale_factor = value
+
+
+def _keep_precise_schedule(model: torch.nn.Module, own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Drop from `state_dict` the model-level schedule buffers (`alphas_cumprod`, ...) that a pruned file stores in
+    float16 / bfloat16 when they equal the model's float32 ones (computed from the config) up to that rounding:
+    fp16 keeps 3 digits, so a rounded alphas_cumprod would move sigma_max = sqrt((1 - a) / a) by about 0.1%."""
+    buffers = {name for name, _ in model.named_buffers() if "." not in name}
+    kept = []
+    for key in sorted(buffers & set(state_dict)):
+        value, mine = state_dict[key], own[key]
+        if not (value.is_floating_point() and mine.is_floating_point()) or torch.finfo(value.dtype).bits >= torch.finfo(mine.dtype).bits:
+            continue
+        if value.shape == mine.shape and torch.allclose(value.float(), mine.float(), rtol=2 * torch.finfo(value.dtype).eps, atol=0):
+            del state_dict[key]
+            kept.append(key)
+    if kept:
+        logger.info("%s stores %d schedule buffers in reduced precision; using the float32 values computed from the config", source, len(kept))
+
+
 def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], use_ema: bool = False, source: str = "checkpoint") -> None:
     """Load `state_dict` into `model` with a strict check on the UNet, VAE and text-encoder weights.
 
     Benign differences are logged: extra `position_ids`, VAE `loss.*`, unused `model_ema.*`; schedule buffers
-    missing from the file are recomputed from the config. With `use_ema` and EMA keys present, the EMA weights
-    are loaded into the UNet.
+    missing from the file are recomputed from the config. With `use_ema` and EMA keys present, or when the file
+    holds its UNet only as `model_ema.*`, the EMA weights are loaded into the UNet. Tensors are cast to the
+    model's dtypes (fp16 / bf16 files load into a float32 model).
     """
     state_dict = dict(state_dict)
     own = model.state_dict()
-    ema_keys = [k for k in state_dict if k.startswith("model_ema.")]
-    if use_ema:
-        if len(ema_keys) > 2:
-            replaced = 0
-            for key in own:
-                if key.startswith("model.diffusion_model.") and ema_key(key) in state_dict:
-                    state_dict[key] = state_dict.pop(ema_key(key))
-                    replaced += 1
-            logger.info("loaded EMA weights into %d UNet tensors", replaced)
-        else:
-            logger.info("use_ema is set but %s holds no EMA weights; using its UNet weights", source)
+    _select_ema(own, state_dict, use_ema, source)
+    _keep_precise_schedule(model, own, state_dict, source)
+    file_scale = state_dict.pop("scale_factor", None) if "scale_factor" not in own and hasattr(model, "scale_factor") else None
 
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -190,7 +304,7 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     # Buffers that the model computes itself (schedule, position ids) may be absent.
     computed = {name for name, _ in model.named_buffers()}
     hard_missing = [k for k in missing if k not in computed]
-    hard_unexpected = [k for k in unexpected if not any(p.match(k) for p in _BENIGN_UNEXPECTED) and k != "scale_factor"]
+    hard_unexpected = [k for k in unexpected if not any(p.match(k) for p in _BENIGN_UNEXPECTED)]
 
     problems = []
     if hard_missing:
@@ -206,6 +320,8 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     if problems:
         family = describe_family(state_dict)
         hint = f" The file looks like {family}; pass the matching --config." if family else ""
+        if hard_missing and not mismatched and not hard_unexpected and all(_component(k) == "VAE" for k in hard_missing):
+            hint = " The file holds no VAE: pass one with --vae."
         raise CheckpointError(f"{source} does not fit the model config: {'; '.join(problems)}.{hint}")
 
     benign = [k for k in unexpected if k not in hard_unexpected]
@@ -213,7 +329,7 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
         logger.info("ignoring %d extra keys of %s (e.g. %s)", len(benign), source, ", ".join(benign[:3]))
     if missing:
         logger.info("%d buffers absent from %s are computed from the config", len(missing), source)
+    if file_scale is not None:
+        _take_scale_factor(model, float(file_scale), source)
     to_load = {k: v for k, v in state_dict.items() if k in own}
-    if "scale_factor" in state_dict and "scale_factor" not in own and hasattr(model, "scale_factor"):
-        model.scale_factor = float(state_dict["scale_factor"])
     model.load_state_dict(to_load, strict=False)

@@ -97,25 +97,55 @@ def load_config(config: Any) -> Any:
     return OmegaConf.create(config)
 
 
+def build_model(
+    config: Any,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    source: str = "checkpoint",
+    use_ema: Optional[bool] = None,
+    vae: Union[str, Path, None] = None,
+) -> torch.nn.Module:
+    """The one model builder: build `config.model` (an OmegaConf object, a mapping, or a yaml path), load
+    `state_dict` (from `ldm.checkpoint_layouts.read_model_checkpoint`; None keeps random weights) with a strict key
+    check, and with `vae` the VAE weights of that file (a VAE-only file or a full checkpoint) in place of the
+    checkpoint's own. `use_ema` overrides the config's `use_ema`. Returns the model on the CPU, in eval mode,
+    without gradients, in the file's floating dtype cast to the config's (float32)."""
+    from ldm.checkpoint import load_weights_into, read_checkpoint
+    from ldm.checkpoint_layouts import check_vae_fits, vae_weights
+
+    config = load_config(config)
+    if "model" not in config:
+        raise ValueError("the config has no `model` section")
+    vae_sd = vae_weights(read_checkpoint(vae)[0], str(vae)) if vae is not None else None
+    with no_weight_init() if state_dict is not None else contextlib.nullcontext():
+        model = instantiate_from_config(config.model)
+    if vae_sd is not None:
+        check_vae_fits(model.first_stage_model, vae_sd, str(vae))
+    if state_dict is not None:
+        if vae_sd is not None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("first_stage_model.")}
+            state_dict.update({"first_stage_model." + k: v for k, v in vae_sd.items()})
+        load_weights_into(model, state_dict, use_ema=model.use_ema if use_ema is None else use_ema, source=source)
+    elif vae_sd is not None:
+        model.first_stage_model.load_state_dict(vae_sd, strict=True)
+    if vae_sd is not None:
+        logger.info("VAE weights from %s (%d tensors) in place of the checkpoint's", vae, len(vae_sd))
+    return model.requires_grad_(False).eval()
+
+
 def load_model_from_config(
     config: Any,
     ckpt: Union[str, Path, None],
     device: Union[str, torch.device] = "cpu",
     verbose: bool = False,
     use_ema: Optional[bool] = None,
+    vae: Union[str, Path, None] = None,
 ) -> torch.nn.Module:
     """Build the model described by `config` (an OmegaConf object, a mapping, or a yaml path), load the weights of
-    `ckpt` (.ckpt / .safetensors; None keeps random weights) with a strict key check, and return it in eval
-    mode on `device`. `use_ema` overrides the config's `use_ema` (EMA weights are used when the file has them)."""
-    from ldm.checkpoint import load_weights_into, read_checkpoint
+    `ckpt` (.ckpt / .safetensors, any layout of `ldm.checkpoint_layouts`; None keeps random weights) with a strict
+    key check, optionally the VAE of the file `vae`, and return it in eval mode on `device`. `use_ema` overrides
+    the config's `use_ema` (EMA weights are used when the file has them). Same loader as the scripts'."""
+    from ldm.checkpoint_layouts import read_model_checkpoint
 
-    config = load_config(config)
-    with no_weight_init() if ckpt is not None else contextlib.nullcontext():
-        model = instantiate_from_config(config.model)
-    if ckpt is not None:
-        state_dict, meta = read_checkpoint(ckpt)
-        if "global_step" in meta:
-            logger.info("Global Step: %s", meta["global_step"])
-        wants_ema = model.use_ema if use_ema is None else use_ema
-        load_weights_into(model, state_dict, use_ema=wants_ema, source=str(ckpt))
-    return model.requires_grad_(False).to(device).eval()
+    state_dict = read_model_checkpoint(ckpt) if ckpt is not None else None
+    model = build_model(config, state_dict, source=str(ckpt), use_ema=use_ema, vae=vae)
+    return model.to(device)

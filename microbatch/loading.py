@@ -1,8 +1,9 @@
 """Finding, configuring and loading a model for the scripts: checkpoint path, config (given, beside the file, or
-inferred from the weights' shapes), precision per component and the attention backend."""
+inferred from the weights' shapes: the one place of config inference), a separate VAE (given, or
+`<stem>.vae.*` beside the checkpoint), precision per component and the attention backend. Reading and building go
+through the one loader in `ldm` (`ldm.checkpoint_layouts.read_model_checkpoint`, `ldm.util.build_model`)."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -13,9 +14,10 @@ from typing import Any, Optional
 
 import torch
 
-from ldm.checkpoint import CheckpointError, describe_family, load_weights_into, read_checkpoint
+from ldm.checkpoint import CheckpointError, describe_family
+from ldm.checkpoint_layouts import read_model_checkpoint
 from ldm.modules.attention_backends import AttentionBackend
-from ldm.util import instantiate_from_config, load_config, no_weight_init
+from ldm.util import build_model, instantiate_from_config, load_config
 from microbatch.devices import Dtypes
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,13 @@ def demo_checkpoint() -> Optional[Path]:
     return path if path.is_file() else None
 
 
-# SD 2.x configs by UNet input channels, tried in order: the published one, then the tiny test model of the
-# same layout. All of them are eps configs; the v-prediction variant is chosen after loading (see below).
+# Shipped configs by text-encoder family and UNet input channels (4 plain, 9 inpainting), tried in order: the
+# published one, then the tiny test model of the same layout. All are eps configs; the v-prediction variant is
+# chosen after loading (see below).
+SD1_CANDIDATES: dict[int, tuple[str, ...]] = {
+    4: ("stable-diffusion/v1-inference.yaml", "tiny/tiny-v1.yaml"),
+    9: ("stable-diffusion/v1-inpainting-inference.yaml", "tiny/tiny-v1-inpainting.yaml"),
+}
 SD2_CANDIDATES: dict[int, tuple[str, ...]] = {
     4: ("stable-diffusion/v2-inference.yaml", "tiny/tiny-v2.yaml"),
     9: ("stable-diffusion/v2-inpainting-inference.yaml", "tiny/tiny-v2-inpainting.yaml"),
@@ -56,6 +63,7 @@ V_VARIANTS: dict[str, tuple[str, Optional[int]]] = {
 _UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _UNET_CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _OPENCLIP_TOKENS = "cond_stage_model.model.token_embedding.weight"
+_CLIP_TOKENS = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 
 
 def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Optional[tuple[list[str], int]]:
@@ -83,33 +91,37 @@ def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Opti
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], ckpt: Path) -> tuple[Path, str]:
-    """(config path, reason) from the checkpoint's keys and shapes.
+    """(config path, reason) from the checkpoint's keys and shapes (keys in the canonical layout, as
+    `read_model_checkpoint` returns them).
 
-    SD v1.x: the CLIP ViT-L/14 text encoder, 768-wide context and a 320-channel 4-in UNet. SD 2.x: the OpenCLIP
-    text tower (`cond_stage_model.model.*`); the UNet's input channels pick plain (4) or inpainting (9), and the
-    candidate whose every weight shape matches (built on the meta device) wins. eps vs v is decided after loading.
+    The text encoder names the family: CLIP's (`cond_stage_model.transformer.text_model.*`) SD v1.x, OpenCLIP's
+    (`cond_stage_model.model.*`) SD 2.x. The UNet's input channels pick plain (4) or inpainting (9: latent, mask,
+    masked-image latent), and the candidate whose every weight shape matches (built on the meta device) wins. eps
+    vs v is decided after loading.
     """
-    token = state_dict.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
     ctx = state_dict.get(_UNET_CONTEXT)
     conv_in = state_dict.get(_UNET_CONV_IN)
-    if token is not None and ctx is not None and conv_in is not None:
-        if tuple(token.shape) == (49408, 768) and ctx.shape[1] == 768 and tuple(conv_in.shape[:2]) == (320, 4):
-            return builtin_config("stable-diffusion/v1-inference.yaml"), "CLIP ViT-L/14 text encoder, 768-wide context and a 320-channel 4-in UNet: SD v1.x"
-    if _OPENCLIP_TOKENS in state_dict and conv_in is not None and int(conv_in.shape[1]) in SD2_CANDIDATES:
+    families = (
+        (_CLIP_TOKENS, SD1_CANDIDATES, "CLIP text encoder (cond_stage_model.transformer.*)", "SD v1.x"),
+        (_OPENCLIP_TOKENS, SD2_CANDIDATES, "OpenCLIP text encoder (cond_stage_model.model.*)", "SD 2.x"),
+    )
+    for tokens, candidates, encoder, family in families:
+        if tokens not in state_dict or conv_in is None or int(conv_in.shape[1]) not in candidates:
+            continue
         in_ch = int(conv_in.shape[1])
         kind = "inpainting UNet (9 input channels: latent, mask, masked-image latent)" if in_ch == 9 else "4-channel UNet"
         width = f"{ctx.shape[1]}-wide context" if ctx is not None else "no cross-attention"
         tried = []
-        for name in SD2_CANDIDATES[in_ch]:
+        for name in candidates[in_ch]:
             result = _shape_mismatches(builtin_config(name), state_dict)
             if result is None:
                 continue
             problems, compared = result
             if not problems:
-                return builtin_config(name), f"OpenCLIP text encoder (cond_stage_model.model.*), {width}, {kind}: SD 2.x layout; all {compared} tensor shapes match {name}"
+                return builtin_config(name), f"{encoder}, {width}, {kind}: {family} layout; all {compared} tensor shapes match {name}"
             tried.append(f"{name}: {len(problems)} differences, e.g. {problems[0]}")
         detail = f" Tried {'; '.join(tried)}." if tried else ""
-        raise CheckpointError(f"cannot infer the model config of {ckpt}: SD 2.x layout ({width}, {kind}) but no shipped config fits.{detail} Pass --config with the matching yaml.")
+        raise CheckpointError(f"cannot infer the model config of {ckpt}: {family} layout ({width}, {kind}) but no shipped config fits.{detail} Pass --config with the matching yaml.")
     family = describe_family(state_dict)
     what = f" It looks like {family}." if family else ""
     raise CheckpointError(f"cannot infer the model config of {ckpt}.{what} Pass --config with the matching yaml.")
@@ -189,8 +201,49 @@ def settle_parameterization(
             config = builtin_config(v_name)
             if native is not None and model.image_size != native:
                 model.image_size = native
-                why += f"; native size {native * 2 ** (model.first_stage_model.encoder.num_resolutions - 1)} (768-v family)"
+                why += f"; native size {native * vae_factor_of(model)} (768-v family)"
     return config, f"{reason}; {why}"
+
+
+def vae_factor_of(model: Any) -> int:
+    """The VAE's downsampling factor f of a LatentDiffusion (8 for SD): images [B, 3, H, W] <-> latents
+    [B, C, H/f, W/f]. The one place it is computed."""
+    return 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
+
+
+def file_hash(path: Path) -> str:
+    """First 10 hex digits of the file's sha256: the web UIs' "Model hash" and "VAE hash"."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+VAE_SUFFIXES = (".pt", ".ckpt", ".safetensors")
+
+
+def find_vae_beside(ckpt: Path) -> Optional[Path]:
+    """`<checkpoint without its suffix>.vae.{pt,ckpt,safetensors}` beside the checkpoint, first found in that
+    order, as the AUTOMATIC1111 web UI picks a model's own VAE; None when there is none."""
+    for suffix in VAE_SUFFIXES:
+        candidate = ckpt.with_name(ckpt.stem + ".vae" + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def check_vae_path(path: Path) -> Path:
+    """A `--vae` path checked before loading (exists, a non-empty file, a .pt / .ckpt / .safetensors name);
+    CheckpointError with one line otherwise. The weights themselves are checked when loading."""
+    path = Path(path)
+    if path.suffix not in VAE_SUFFIXES + (".pth", ".bin"):
+        raise CheckpointError(f"--vae {path}: expected a .pt, .ckpt or .safetensors file")
+    if not path.is_file():
+        raise CheckpointError(f"VAE file not found: {path}" if not path.exists() else f"VAE path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"VAE file is empty: {path}")
+    return path
 
 
 @dataclass
@@ -204,32 +257,45 @@ class LoadedModel:
     is_demo: bool = False
     default_scale: Optional[float] = None  # the config's sampling_defaults.scale, when it recommends one
     _hash: Optional[str] = None
+    vae_path: Optional[Path] = None  # a separate VAE file whose weights replaced the checkpoint's
+    _vae_hash: Optional[str] = None
 
     @property
     def model_hash(self) -> str:
         """First 10 hex digits of the checkpoint file's sha256 (the web UIs' "Model hash"), computed once."""
         if self._hash is None:
-            if self.ckpt is None:
-                self._hash = "random"
-            else:
-                h = hashlib.sha256()
-                with open(self.ckpt, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                self._hash = h.hexdigest()[:10]
+            self._hash = "random" if self.ckpt is None else file_hash(self.ckpt)
         return self._hash
 
     @property
+    def vae_hash(self) -> Optional[str]:
+        """First 10 hex digits of the separate VAE file's sha256, as the AUTOMATIC1111 web UI's "VAE hash" (its
+        `sd_vae.get_loaded_vae_hash`: sha256 of the whole file, [0:10]); None without a separate VAE."""
+        if self.vae_path is None:
+            return None
+        if self._vae_hash is None:
+            self._vae_hash = file_hash(self.vae_path)
+        return self._vae_hash
+
+    @property
+    def vae_name(self) -> Optional[str]:
+        """The separate VAE's file name (the web UI's "VAE" field), None without one."""
+        return self.vae_path.name if self.vae_path is not None else None
+
+    @property
+    def unet(self) -> Any:
+        """The UNet module (`model.model.diffusion_model`)."""
+        return self.model.model.diffusion_model
+
+    @property
     def vae_factor(self) -> int:
-        """Pixels per latent along a side: 2 ** (VAE levels - 1)."""
-        return 2 ** (self.model.first_stage_model.encoder.num_resolutions - 1)
+        """Images are this many times larger than latents on each side (8 for SD)."""
+        return vae_factor_of(self.model)
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's total downsampling."""
-        unet = self.model.model.diffusion_model
-        vae_levels = self.model.first_stage_model.encoder.num_resolutions
-        return 2 ** (vae_levels - 1) * 2 ** (len(unet.channel_mult) - 1)
+        return self.vae_factor * 2 ** (len(self.unet.channel_mult) - 1)
 
 
 def load_model(
@@ -241,19 +307,26 @@ def load_model(
     use_ema: Optional[bool] = None,
     is_demo: bool = False,
     parameterization: Optional[str] = None,
+    vae: Optional[Path] = None,
+    vae_beside: bool = True,
 ) -> LoadedModel:
     """Read the checkpoint once, choose the config, build, load strictly, cast per component and move.
 
     `parameterization` ("eps" or "v") overrides the config's; None / "auto" keeps a given config's and, when the
-    config is inferred from the checkpoint, measures it with one UNet evaluation (`detect_parameterization`)."""
+    config is inferred from the checkpoint, measures it with one UNet evaluation (`detect_parameterization`).
+    `vae`: a VAE-only file or a full checkpoint whose VAE replaces the checkpoint's; None picks up
+    `<checkpoint stem>.vae.{pt,ckpt,safetensors}` beside the checkpoint (logged) unless `vae_beside` is False.
+    """
     if parameterization not in (None, "auto", "eps", "v"):
         raise ValueError(f"parameterization must be auto, eps or v, got {parameterization!r}")
     start = time.perf_counter()
-    state_dict: Optional[dict[str, torch.Tensor]] = None
-    if ckpt is not None:
-        state_dict, meta = read_checkpoint(ckpt)
-        if "global_step" in meta:
-            logger.info("Global Step: %s", meta["global_step"])
+    if vae is not None:
+        vae = check_vae_path(Path(vae))
+    elif ckpt is not None and vae_beside:
+        vae = find_vae_beside(Path(ckpt))
+        if vae is not None:
+            logger.info("using the VAE beside the checkpoint: %s", vae)
+    state_dict = read_model_checkpoint(ckpt) if ckpt is not None else None
     inferred = False
     if config is not None:
         reason = "given with --config"
@@ -268,12 +341,8 @@ def load_model(
     if "model" not in cfg:
         raise ValueError(f"config {config} has no `model` section")
     default_scale = recommended_scale(cfg, config)
-    with no_weight_init() if state_dict is not None else contextlib.nullcontext():
-        model = instantiate_from_config(cfg.model)
-    if state_dict is not None:
-        load_weights_into(model, state_dict, use_ema=model.use_ema if use_ema is None else use_ema, source=str(ckpt))
-        del state_dict
-    model.requires_grad_(False).eval()
+    model = build_model(cfg, state_dict, source=str(ckpt), use_ema=use_ema, vae=vae)
+    del state_dict
     model.model.to(dtypes.unet)
     model.cond_stage_model.to(dtypes.text)
     model.first_stage_model.to(dtypes.vae)
@@ -283,7 +352,7 @@ def load_model(
     config, reason = settle_parameterization(model, Path(config), reason, inferred, parameterization, ckpt)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return LoadedModel(model, ckpt, Path(config), reason, dtypes, time.perf_counter() - start, is_demo, default_scale)
+    return LoadedModel(model, ckpt, Path(config), reason, dtypes, time.perf_counter() - start, is_demo, default_scale, vae_path=vae)
 
 
 def recommended_scale(cfg: Any, config: Any) -> Optional[float]:

@@ -8,6 +8,7 @@ you trust, once, and use the .safetensors output from then on.
 """
 import argparse
 import os
+import pickle
 import sys
 from typing import Optional, Sequence
 
@@ -18,7 +19,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from ldm.checkpoint import CheckpointError, read_checkpoint
+    from ldm.checkpoint import CheckpointError, check_readable, read_checkpoint, sniff_format
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
@@ -33,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {args.dst} exists; not overwriting", file=sys.stderr)
         return 2
     try:
-        if args.trust_pickle:
+        if args.trust_pickle and sniff_format(check_readable(args.src)) != "safetensors":
             obj = torch.load(args.src, map_location="cpu", weights_only=False)
             sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
             if not isinstance(sd, dict):
@@ -41,8 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         else:
             sd, _ = read_checkpoint(args.src)
-    except (CheckpointError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, OSError, RuntimeError, EOFError, ValueError, KeyError, ImportError, AttributeError, pickle.UnpicklingError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     if args.half:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
