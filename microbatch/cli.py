@@ -28,8 +28,8 @@ from ldm.checkpoint import CheckpointError
 from ldm.modules.attention_backends import BACKENDS
 from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.images import next_number, save_grid, save_png_atomic
-from microbatch.job import file_sha256, item_path, job_settings
-from microbatch.loading import DEFAULT_CKPT, LoadedModel, load_model
+from microbatch.job import item_path, job_settings
+from microbatch.loading import DEFAULT_CKPT, LoadedModel, file_hash, find_vae_beside, load_model
 from microbatch.parameters import FLAG_OF, read_png_settings
 from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
 from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, prepare_job, rank_device, run_job, set_cpu_threads
@@ -372,9 +372,10 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
     for text in cmd.notes if lead else []:
         print(text)
     ckpt, _, _ = resolve_checkpoint(cmd.options.ckpt)
-    model_hash = file_sha256(ckpt)[:10] if ckpt is not None else "random"
+    vae = Path(cmd.options.vae) if cmd.options.vae else find_vae_beside(ckpt)
+    settings = job_settings(cmd.request, file_hash(ckpt), cmd.options.precision, file_hash(vae) if vae else None)
     outdir = Path(cmd.output.outdir)
-    todo = prepare_job(rank, outdir, cmd.request, job_settings(cmd.request, model_hash, cmd.options.precision), args.resume, note)
+    todo = prepare_job(rank, outdir, cmd.request, settings, args.resume, note)
     if not todo:
         note(f"nothing to do: all {len(cmd.request.jobs())} images of the job in {outdir} are done")
         return 0
@@ -404,7 +405,8 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
         else:
             print(f"note: no grid for {len(items)} images (more than {GRID_LIMIT})")
     if metrics.interrupted:
-        print(f"Stopped after {metrics.images} new images; {len(finished)} of {len(items)} are in {outdir} (--resume completes the job)")
+        name = signal.Signals(stop.signum).name if stop.signum else "cancel"
+        print(f"Stopped by {name} after {metrics.images} new images; {len(finished)} of {len(items)} are in {outdir} (--resume completes the job)")
     else:
         print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
     print(metrics.report())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from microbatch.engine import ImageJob
+from microbatch.loading import file_sha256
 from microbatch.request import GenerationRequest, UsageError
 
 logger = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ def item_path(outdir: Path, index: int) -> Path:
     return outdir / "samples" / SAMPLE_NAME.format(index)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -60,10 +52,10 @@ def _plain(value: Any) -> Any:
     raise UsageError(f"a job's request must hold paths, not {type(value).__name__} objects (init image or mask)")
 
 
-def job_settings(request: GenerationRequest, model_hash: str, precision: str) -> dict[str, Any]:
-    """What makes a job's images what they are: every request field but batching, the model and precision."""
+def job_settings(request: GenerationRequest, model_hash: str, precision: str, vae_hash: Optional[str] = None) -> dict[str, Any]:
+    """What makes a job's images what they are: every request field but batching, the model, VAE and precision."""
     fields = {k: v for k, v in _plain(request).items() if k not in NOT_IDENTITY}
-    return {"request": fields, "model_hash": model_hash, "precision": precision}
+    return {"request": fields, "model_hash": model_hash, "vae_hash": vae_hash, "precision": precision}
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

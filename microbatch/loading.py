@@ -211,13 +211,18 @@ def vae_factor_of(model: Any) -> int:
     return 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
 
 
-def file_hash(path: Path) -> str:
-    """First 10 hex digits of the file's sha256: the web UIs' "Model hash" and "VAE hash"."""
+def file_sha256(path: Path) -> str:
+    """The file's sha256 as hex, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:10]
+    return h.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    """First 10 hex digits of the file's sha256: the web UIs' "Model hash" and "VAE hash"."""
+    return file_sha256(path)[:10]
 
 
 VAE_SUFFIXES = (".pt", ".ckpt", ".safetensors")

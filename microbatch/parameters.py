@@ -18,9 +18,9 @@ _FIELD = re.compile(r"\s*([A-Za-z][A-Za-z ]*):\s*([^,]*)")
 
 
 def png_parameters(
-    job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None
+    job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None
 ) -> str:
-    """The `parameters` text of one image."""
+    """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI)."""
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler}",
@@ -32,6 +32,8 @@ def png_parameters(
     ]
     if vae_hash is not None:
         fields.append(f"VAE hash: {vae_hash}")
+    if vae_name is not None:
+        fields.append(f"VAE: {vae_name}")
     fields += [f"Eta: {settings.eta:g}", f"Precision: {precision}"]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")

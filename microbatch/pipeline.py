@@ -219,8 +219,10 @@ class Pipeline:
         loaded = loader(
             ckpt, Path(options.config) if options.config else None, torch.device("cpu") if offload else device, dtypes, attention,
             use_ema=True if options.use_ema else None, is_demo=is_demo, parameterization=options.parameterization,
-            **({"vae": Path(options.vae)} if options.vae else {}),
+            vae=Path(options.vae) if options.vae else None,
         )
+        if loaded.vae_path is not None:
+            note(f"VAE: {loaded.vae_path}" + ("" if options.vae else " (found beside the checkpoint)"))
         if offload:
             apply_offload(loaded.model, options.offload, device)
         logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
@@ -390,7 +392,8 @@ class Pipeline:
         return RunResult(images, plan, metrics, interrupted)
 
     def parameters(self, job: ImageJob, settings: SamplingSettings) -> str:
-        return png_parameters(job, settings, self.loaded.model_hash, self.options.precision, getattr(self.loaded, "vae_hash", None))
+        loaded = self.loaded
+        return png_parameters(job, settings, loaded.model_hash, self.options.precision, loaded.vae_hash, loaded.vae_name)
 
     def _metrics_settings(self, request: GenerationRequest, plan: Plan) -> dict[str, Any]:
         """The run's settings as plain JSON values."""

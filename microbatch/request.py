@@ -246,12 +246,19 @@ class ModelOptions:
     parameterization: Literal["auto", "eps", "v"] = "auto"
 
     def __post_init__(self) -> None:
-        for name, what in (("ckpt", "checkpoint"), ("config", "config"), ("vae", "VAE file")):
+        for name, what in (("ckpt", "checkpoint"), ("config", "config")):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, str(value))
                 if not Path(value).is_file():
                     raise UsageError(f"{what} not found: {value}")
+        if self.vae is not None:
+            from microbatch.loading import check_vae_path
+
+            try:
+                object.__setattr__(self, "vae", str(check_vae_path(Path(self.vae))))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if self.precision not in ("autocast", "full"):
             raise UsageError(f"--precision must be autocast or full, got {self.precision!r}")
         if self.offload not in ("none", "model", "sequential"):

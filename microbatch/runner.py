@@ -25,7 +25,8 @@ import torch
 
 from microbatch.engine import ImageJob
 from microbatch.images import save_png_atomic
-from microbatch.job import Manifest, ManifestLine, SAMPLE_NAME, check_job_folder, file_sha256, items_to_do
+from microbatch.job import Manifest, ManifestLine, SAMPLE_NAME, check_job_folder, items_to_do
+from microbatch.loading import file_sha256
 from microbatch.metrics import RunMetrics
 from microbatch.pipeline import GeneratedImage, Pipeline, micro_batch_size
 from microbatch.request import GenerationRequest, UsageError

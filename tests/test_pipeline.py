@@ -143,3 +143,32 @@ def test_save_image_keeps_the_parameters(pipe, tmp_path):
     path = save_image(image, tmp_path / "x.png")
     with Image.open(path) as again:
         assert again.info["parameters"] == image.info["parameters"] and again.tobytes() == image.tobytes()
+
+
+def test_vae_flag_and_vae_beside_the_checkpoint_give_the_same_pixels(tiny_ckpt, tiny_model, tmp_path, capsys):
+    """The checkpoint's own VAE saved alone: given with --vae, and found beside a copy of the checkpoint, the PNGs
+    have the same pixels as without it, and their parameters name the VAE file by hash and name."""
+    import shutil
+
+    import torch
+
+    vae = {k: v for k, v in tiny_model.state_dict().items() if k.startswith("first_stage_model.")}
+    torch.save(vae, tmp_path / "own.vae.pt")
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    shutil.copy(tiny_ckpt, beside / "model.ckpt")
+    shutil.copy(tmp_path / "own.vae.pt", beside / "model.vae.pt")
+    base = ["--n_samples", "2", "--n_iter", "1", "--ddim_steps", "2", "--W", "32", "--H", "32", "--skip_grid", *RUN]
+    txt2img = load_script("txt2img")
+    assert txt2img.main(["--ckpt", str(tiny_ckpt), *base, "--outdir", str(tmp_path / "plain")]) == 0
+    assert txt2img.main(["--ckpt", str(tiny_ckpt), "--vae", str(tmp_path / "own.vae.pt"), *base, "--outdir", str(tmp_path / "flag")]) == 0
+    assert txt2img.main(["--ckpt", str(beside / "model.ckpt"), *base, "--outdir", str(tmp_path / "auto")]) == 0
+    assert "found beside the checkpoint" in capsys.readouterr().out
+    plain, flag, auto = (_pngs(tmp_path / d) for d in ("plain", "flag", "auto"))
+    for a, b, c in zip(plain, flag, auto):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+        assert "VAE hash" not in a.info["parameters"]
+        assert "VAE: own.vae.pt" in b.info["parameters"] and "VAE: model.vae.pt" in c.info["parameters"]
+        assert b.info["parameters"].split("VAE hash: ")[1][:10] == c.info["parameters"].split("VAE hash: ")[1][:10]
+    assert txt2img.main(["--ckpt", str(tiny_ckpt), "--vae", str(tmp_path / "nope.pt"), *base]) == 2
+    assert "VAE file not found" in capsys.readouterr().err
