@@ -122,13 +122,14 @@ class Engine:
 
     # -- conditioning --
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [B, 77, D] for prompts, each distinct prompt encoded once per run."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if missing:
-            with torch.no_grad():
-                emb = self.model.get_learned_conditioning(list(missing))
-            for p, e in zip(missing, emb):
-                self._cond_cache[p] = e
+        """Text embeddings [B, 77, D] for prompts, each distinct prompt encoded once per run.
+
+        Prompts are encoded one at a time, so an embedding never depends on which other new prompts shared its
+        micro-batch (the text encoder's GEMMs may pick kernels by batch size)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._cond_cache:
+                with torch.no_grad():
+                    self._cond_cache[p] = self.model.get_learned_conditioning([p])[0]
         return torch.stack([self._cond_cache[p] for p in prompts])
 
     # -- decoding --

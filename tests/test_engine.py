@@ -36,6 +36,49 @@ def test_image_depends_on_its_seed_not_on_batching(tiny_model, sampler, eta):
     assert not torch.equal(a[2].latent, a[3].latent)
 
 
+@pytest.fixture(scope="module")
+def demo_model():
+    from microbatch.devices import Dtypes
+    from microbatch.loading import demo_checkpoint, load_model
+
+    full = Dtypes(torch.float32, torch.float32, torch.float32)
+    return load_model(demo_checkpoint(), None, CPU, full, is_demo=True).model
+
+
+def test_every_micro_batch_size_gives_the_same_demo_images(demo_model):
+    """The demo model in float32 on the CPU: micro-batches of 8 (16 UNet rows, where oneDNN switched convolution
+    kernels and 3 of 8 images moved by one pixel level) and of odd sizes equal micro-batch 1 bit for bit."""
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+
+    def run(batch, **kw):
+        jobs = [ImageJob(i, prompts[i % 2], 100 + i) for i in range(8)]
+        out = []
+        settings = SamplingSettings(steps=6, height=64, width=64, guidance_scale=2.0, max_batch_size=batch, **kw)
+        Engine(demo_model, CPU).run(jobs, settings, out.extend)
+        return out
+
+    reference = run(1)
+    for batch in (8, 3, 5):
+        out = run(batch)
+        assert [d.job.index for d in out] == list(range(8))
+        assert all(torch.equal(a.latent, r.latent) for a, r in zip(out, reference)), f"micro-batch {batch}"
+        assert all(torch.equal(a.image, r.image) for a, r in zip(out, reference)), f"micro-batch {batch}"
+    split = run(8, split_guidance=True)
+    assert all(torch.equal(a.latent, r.latent) for a, r in zip(split, reference))
+
+
+def test_rowwise_conv_matches_a_plain_conv_row_by_row():
+    from ldm.modules.diffusionmodules.util import RowwiseConv2d, conv_nd
+
+    conv = conv_nd(2, 64, 128, 3, padding=1)
+    assert isinstance(conv, RowwiseConv2d) and set(conv.state_dict()) == {"weight", "bias"}
+    x = torch.randn(16, 64, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rows = torch.cat([conv(x[i : i + 1]) for i in range(16)])
+        assert torch.equal(conv(x), rows)
+        assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5)
+
+
 def test_script_level_batch_invariance_bit_identical_pngs(tmp_path, monkeypatch, tiny_ckpt):
     monkeypatch.chdir(tmp_path)
     txt2img = load_script("txt2img")
