@@ -119,7 +119,8 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class RowwiseConv2d(nn.Conv2d):
-    """nn.Conv2d that convolves one batch row at a time, so an image's result never depends on its batch.
+    """nn.Conv2d that, without gradients, convolves one batch row at a time, so an image's result never depends
+    on its batch.
 
     The CPU (oneDNN) and GPU (cuDNN) libraries choose the convolution algorithm from the whole input shape, batch
     size and thread count included, and different algorithms sum in different orders: measured on the demo model
@@ -132,7 +133,8 @@ class RowwiseConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[0] <= 1:
+        # Training (gradients on) keeps the batched kernel: only inference results must not depend on the batch.
+        if x.dim() != 4 or x.shape[0] <= 1 or torch.is_grad_enabled():
             return super().forward(x)
         first = super().forward(x[:1])
         out = first.new_empty((x.shape[0], *first.shape[1:]))
