@@ -184,3 +184,30 @@ def test_invalid_slicing_values_are_rejected():
             resolve_backend("auto", bad)
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("flash3")
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("euler_a", 1.0), ("dpmpp_2m_sde", 1.0)])
+def test_img2img_at_strength_one_equals_txt2img_from_the_same_seed(tiny_model, sampler, eta):
+    """The README's promise: strength 1.0 starts from pure noise, so the init image must not change the result,
+    for deterministic and stochastic samplers alike (the posterior sample has a generator of its own)."""
+    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        posterior = tiny_model.encode_first_stage(init)
+    jobs = [ImageJob(i, "a red circle", 7 + i) for i in range(3)]
+
+    def run(init_posterior, strength):
+        out = []
+        settings = SamplingSettings(sampler=sampler, eta=eta, steps=5, height=64, width=64, max_batch_size=2, strength=strength)
+        Engine(tiny_model, CPU, init_posterior=init_posterior).run(jobs, settings, out.extend)
+        return out
+
+    txt = run(None, None)
+    img = run(posterior, 1.0)
+    assert all(torch.equal(a.latent, b.latent) and torch.equal(a.image, b.image) for a, b in zip(img, txt))
+    # Below strength 1 the init image matters, and each image is still a function of its seed alone.
+    partial = run(posterior, 0.6)
+    assert not torch.equal(partial[0].latent, txt[0].latent)
+    single = []
+    settings = SamplingSettings(sampler=sampler, eta=eta, steps=5, height=64, width=64, max_batch_size=1, strength=0.6)
+    Engine(tiny_model, CPU, init_posterior=posterior).run(jobs[2:], settings, single.extend)
+    assert torch.equal(single[0].latent, partial[2].latent)

@@ -115,9 +115,11 @@ def test_blending_fallback_keeps_the_known_latent(plain_model, files):
     assert keep.sum() == 120 - 16  # the 30x30 hole covers latent rows 3..6, columns 4..7 (nearest)
     settings = SamplingSettings(steps=4, guidance_scale=3.0, height=80, width=96, max_batch_size=2, strength=1.0)
     latents = engine.sample_batch([ImageJob(0, "a red circle", 5)], settings)
-    # the init latent drawn independently: the posterior sample is the first draw of the image's generator
+    # the init latent drawn independently: the posterior sample is the first draw of the image's second generator
+    from microbatch.engine import INIT_SEED_OFFSET
+
     post = plain_model.encode_first_stage(x)
-    z = torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(5))[None]
+    z = torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed((5 + INIT_SEED_OFFSET) % 2**64))[None]
     init = plain_model.scale_factor * (post.mean + post.std * z)
     known = keep.bool().expand_as(latents)
     assert torch.allclose(latents[known], init.detach()[known], atol=1e-6)
