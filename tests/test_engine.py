@@ -126,6 +126,50 @@ def test_out_of_memory_halves_the_micro_batch_and_loses_nothing(tiny_model, monk
     assert "out of memory" in caplog.text
 
 
+CPU_ALLOCATOR_FAILURE = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "26843545600 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+@pytest.mark.parametrize("make_error", [lambda: RuntimeError(CPU_ALLOCATOR_FAILURE), lambda: MemoryError()], ids=["cpu_allocator", "MemoryError"])
+def test_cpu_out_of_memory_also_halves_the_micro_batch(tiny_model, monkeypatch, make_error):
+    reference = run_engine(tiny_model, 0, 3, 1)
+    real = tiny_model.apply_model
+
+    def flaky(x, t, cond):
+        if x.shape[0] > 2:
+            raise make_error()
+        return real(x, t, cond)
+
+    monkeypatch.setattr(tiny_model, "apply_model", flaky)
+    done, changes = [], []
+    jobs = [ImageJob(i, "a red circle", i) for i in range(3)]
+    final = Engine(tiny_model, CPU).run(jobs, SamplingSettings(steps=4, height=64, width=64, max_batch_size=3), done.extend, lambda a, b: changes.append((a, b)))
+    assert final == 1 and changes == [(3, 1)]
+    assert all(torch.equal(d.latent, r.latent) for d, r in zip(done, reference))
+
+
+def test_is_out_of_memory_recognises_allocation_failures_only():
+    from microbatch.devices import is_out_of_memory
+
+    for error in (
+        RuntimeError(CPU_ALLOCATOR_FAILURE),
+        RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB"),
+        MemoryError(),
+    ):
+        assert is_out_of_memory(error), error
+    for error in (
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+        RuntimeError("Storage size calculation overflowed with sizes=[4611686018427387904]"),
+        ValueError("can't allocate memory"),  # not an allocation failure of torch's
+        KeyboardInterrupt(),
+    ):
+        assert not is_out_of_memory(error), error
+
+
 def test_half_precision_vae_nan_falls_back_to_float32_once(tiny_model, caplog):
     import copy
 
