@@ -134,7 +134,7 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast", help="autocast: half precision where it is safe and fast; full: float32")
 
     g = p.add_argument_group("memory and speed")
-    g.add_argument("--max_batch_size", type=str, default=None, help="most images per UNet micro-batch, or auto: the largest that fits the device's free memory (or --max_memory), from a measured memory model (default: n_samples, at most 8)")
+    g.add_argument("--max_batch_size", type=str, default=None, help="most images per UNet micro-batch, or auto: the largest that fits the device's free memory (or --max_memory), from a measured memory model (default: n_samples, at most 8 and fewer for large images: 3 at 512x512 on a CPU, 4 on a GPU)")
     g.add_argument("--max_memory", type=float, default=None, help="with --max_batch_size auto: the peak memory to stay under, in GB (weights included)")
     g.add_argument("--split_guidance", action="store_true", help="run the unconditional and conditional halves of guidance as separate UNet calls")
     g.add_argument("--attention", type=str, default="auto", choices=list(BACKENDS), help="attention kernel")
@@ -262,7 +262,7 @@ def check_output(out: OutputOptions) -> None:
     outdir = Path(out.outdir)
     try:
         (outdir / "samples").mkdir(parents=True, exist_ok=True)
-        probe = outdir / "samples" / ".write-test"
+        probe = outdir / "samples" / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -568,10 +568,11 @@ class CommandPlan:
 
 def make_plan(args: argparse.Namespace, mode: Mode, height: int, width: int) -> CommandPlan:
     """The images a command line asks for at a given size, without a model (guidance scale: --scale or the
-    script's default; the micro-batch size as `Pipeline.plan` starts from)."""
+    script's default; the micro-batch size `Pipeline.plan` starts from on a CPU)."""
     request = GenerationRequest(**_request_fields(args, mode))
     scale = request.scale if request.scale is not None else SCRIPT_SCALE[request.mode]
-    settings = request.settings(height, width, scale, micro_batch_size(request))
+    settings = request.settings(height, width, scale, 1)
+    settings.max_batch_size = micro_batch_size(request, torch.device("cpu"), settings)
     return CommandPlan(request.jobs(), settings, args.n_rows)
 
 

@@ -98,10 +98,27 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return (rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20), "resident memory (RSS)"
 
 
+# Lower-case fragments of the messages of failed allocations that are not torch.OutOfMemoryError: the CPU allocator
+# ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate
+# N bytes. Error code 12 (Cannot allocate memory)"), "... out of memory" of the MPS / HIP / XPU backends and older
+# CUDA builds, and the allocation failures of cuBLAS / cuDNN workspaces.
+OUT_OF_MEMORY_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "status_alloc_failed",
+)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+    """True for a failed memory allocation on any device: torch.OutOfMemoryError, Python's MemoryError, or a
+    RuntimeError whose message says an allocation failed (see OUT_OF_MEMORY_MESSAGES)."""
+    if isinstance(error, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    if not isinstance(error, RuntimeError):
+        return False
+    message = str(error).lower()
+    return any(fragment in message for fragment in OUT_OF_MEMORY_MESSAGES)
 
 
 def empty_cache(device: torch.device) -> None:

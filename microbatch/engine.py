@@ -5,9 +5,11 @@ micro-batches of at most `max_batch_size` images; each micro-batch is decoded an
 it is finished, so the first image arrives after one micro-batch and peak memory depends on the micro-batch size,
 not on the number of images.
 
-Randomness: image i draws everything (start noise, the VAE posterior sample for img2img, the noise of stochastic
-samplers) from its own CPU `torch.Generator` seeded with its seed, in a fixed order, then moves it to the device.
-So an image depends only on its seed and settings, never on batching or device-side RNG.
+Randomness: image i draws its start noise and then the noise of stochastic samplers from its own CPU
+`torch.Generator` seeded with its seed, then moves it to the device. The img2img VAE posterior sample comes from a
+second generator of its own (seed + INIT_SEED_OFFSET, mod 2^64), so it does not shift the first one's stream: at
+strength 1 img2img equals txt2img from the same seed, for every sampler. So an image depends only on its seed and
+settings, never on batching or device-side RNG.
 """
 from __future__ import annotations
 
@@ -90,8 +92,13 @@ class PerImageNoise:
         return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
 
-def _make_generators(jobs: Sequence[ImageJob]) -> list[torch.Generator]:
-    return [torch.Generator(device="cpu").manual_seed(int(job.seed)) for job in jobs]
+# The img2img posterior sample's generator is seeded with (seed + INIT_SEED_OFFSET) mod 2^64 (2^64 / golden ratio,
+# an arbitrary fixed odd constant), a stream apart from the image's main one.
+INIT_SEED_OFFSET = 0x9E3779B97F4A7C15
+
+
+def _make_generators(jobs: Sequence[ImageJob], offset: int = 0) -> list[torch.Generator]:
+    return [torch.Generator(device="cpu").manual_seed((int(job.seed) + offset) % 2**64) for job in jobs]
 
 
 @dataclass
@@ -122,13 +129,14 @@ class Engine:
 
     # -- conditioning --
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [B, 77, D] for prompts, each distinct prompt encoded once per run."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if missing:
-            with torch.no_grad():
-                emb = self.model.get_learned_conditioning(list(missing))
-            for p, e in zip(missing, emb):
-                self._cond_cache[p] = e
+        """Text embeddings [B, 77, D] for prompts, each distinct prompt encoded once per run.
+
+        Prompts are encoded one at a time, so an embedding never depends on which other new prompts shared its
+        micro-batch (the text encoder's GEMMs may pick kernels by batch size)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._cond_cache:
+                with torch.no_grad():
+                    self._cond_cache[p] = self.model.get_learned_conditioning([p])[0]
         return torch.stack([self._cond_cache[p] for p in prompts])
 
     # -- decoding --
@@ -165,16 +173,17 @@ class Engine:
         shape = (len(jobs), *settings.latent_shape)
         like = torch.empty(shape, dtype=torch.float32, device=self.device)
 
+        # The start noise is the first draw of each image's generator, as in txt2img.
+        start_noise = noise(like)
         init_latent = None
         if self.init_posterior is not None:
-            # The posterior sample is the first draw of each image's generator.
-            post_noise = noise(torch.empty((len(jobs), *self.init_posterior.mean.shape[1:]), device=self.device))
+            # The posterior sample comes from a stream of its own, so the sampler's noise continues as in txt2img.
+            post_noise = PerImageNoise(_make_generators(jobs, INIT_SEED_OFFSET))
             mean = self.init_posterior.mean.expand(len(jobs), *self.init_posterior.mean.shape[1:])
             std = self.init_posterior.std.expand_as(mean)
-            init_latent = self.model.scale_factor * (mean.float() + std.float() * post_noise)
+            init_latent = self.model.scale_factor * (mean.float() + std.float() * post_noise(mean.float()))
             if tuple(init_latent.shape[1:]) != settings.latent_shape:
                 raise AssertionError(f"init latent {tuple(init_latent.shape)} does not match {settings.latent_shape}")
-        start_noise = noise(like)
 
         cond = self.conditioning([j.prompt for j in jobs])
         uncond = self.conditioning([j.negative_prompt for j in jobs]) if settings.guidance_scale != 1.0 else None

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from microbatch.files import honour_umask
+
 logger = logging.getLogger(__name__)
 
 _NUMBERED = re.compile(r"^(\d+)\.png$")
@@ -52,6 +54,7 @@ def save_png_atomic(
             info.add_text(key, value)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=folder)
     try:
+        honour_umask(tmp)  # mkstemp creates 0600; saved images get the umask's mode, 0644 under 0022
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(array).save(f, format="PNG", pnginfo=info)
             f.flush()

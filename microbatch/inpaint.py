@@ -12,7 +12,9 @@ Image and mask are read at their own size; sides that are not multiples of the m
 are padded by repeating the edge pixels (as the SD 2 inpainting demos do), and every output is cropped back, so
 outputs align pixel for pixel with the input. Mask: luminance / 255, >= 0.5 means repaint. The masked image is
 image * (mask < 0.5) (the hole is grey, 0 in [-1, 1]); its latent is the VAE posterior mean, scaled. The mask
-reaches the latent grid by nearest-neighbour resizing.
+reaches the latent grid by nearest-neighbour resizing. Decoded outputs are composited over the init image outside
+the mask widened by a few pixels and feathered (`composite_outside_mask`), as the web UIs do: farther from the mask
+the saved pixels are the input's, byte for byte.
 
 Sampling, micro-batching, seeds, outputs and metrics are those of txt2img and img2img (`microbatch.pipeline`).
 """
@@ -73,16 +75,82 @@ def load_image_and_mask(image_path: Union[Path, Image.Image], mask_path: Union[P
     return image_t, mask_t, (w, h), notes
 
 
+# Compositing the init image back over the decoded outputs (`composite_outside_mask`): every pixel farther than
+# COMPOSITE_DILATE + COMPOSITE_FEATHER pixels from the mask is the init image's, exactly; the repainted region is
+# widened by COMPOSITE_DILATE pixels and fades into the init image over COMPOSITE_FEATHER more (one latent cell, 8
+# pixels, in all: the mask reaches the latent grid by nearest resizing, so repainted latents may overhang it by up
+# to 7 pixels). Without it, latent blending changed pixels everywhere: the VAE round trip alone misses a demo image
+# by up to 193 of 255 levels, and decoding mixes the repainted latents into their neighbours.
+COMPOSITE_DILATE = 2
+COMPOSITE_FEATHER = 6
+
+
+def repaint_weight(mask: torch.Tensor, dilate: int = COMPOSITE_DILATE, feather: int = COMPOSITE_FEATHER) -> torch.Tensor:
+    """Per-pixel weight of the generated image: 1 on the mask and within `dilate` pixels of it, falling linearly
+    to 0 over the next `feather` pixels ((dilate + feather + 1 - d) / (feather + 1) at distance d), 0 beyond.
+
+    Distance is octagonal (alternating 3x3 square and plus-shaped dilations): at most 12% beyond Euclidean.
+    mask: [1, 1, H, W] in {0, 1} (1 = repaint). Returns [1, 1, H, W] float32 in [0, 1].
+    """
+    if dilate < 0 or feather < 0:
+        raise ValueError(f"dilate and feather must be >= 0 pixels, got {dilate} and {feather}")
+    grown = (mask > 0.5).float()
+    total = torch.zeros_like(grown)
+    for r in range(dilate + feather + 1):
+        if r > 0:
+            if r % 2:
+                grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+            else:
+                grown = torch.maximum(F.max_pool2d(grown, (3, 1), stride=1, padding=(1, 0)), F.max_pool2d(grown, (1, 3), stride=1, padding=(0, 1)))
+        if r >= dilate:
+            total += grown
+    return total / (feather + 1)
+
+
+def composite_outside_mask(
+    images: torch.Tensor, init_image: torch.Tensor, mask: torch.Tensor, dilate: int = COMPOSITE_DILATE, feather: int = COMPOSITE_FEATHER
+) -> torch.Tensor:
+    """Put the init image back outside the (dilated, feathered) mask, as the web UIs do after inpainting.
+
+    Args:
+        images: decoded outputs [B, 3, H, W] in [0, 1].
+        init_image: the init image [1, 3, H, W] in [-1, 1] (as `load_image_and_mask` returns it, 8-bit levels).
+        mask: [1, 1, H, W] in {0, 1}, 1 = repaint.
+    Returns:
+        [B, 3, H, W] in [0, 1]: w * images + (1 - w) * init with w = repaint_weight(mask, dilate, feather). The
+        init image enters at the centres of its 8-bit levels ((level + 0.5) / 255), so where w = 0 the saved PNG
+        (uint8(255 x), truncating) has exactly the init image's pixels.
+    """
+    levels = torch.round((init_image.float() + 1.0) * 127.5).clamp(0, 255)
+    init01 = ((levels + 0.5) / 255.0).to(images.device)
+    w = repaint_weight(mask.float(), dilate, feather).to(images.device)
+    return w * images + (1.0 - w) * init01
+
+
 class CroppingEngine(Engine):
-    """An Engine whose decoded images are cropped to `crop` = (height, width) (the unpadded input size)."""
+    """An Engine whose decoded images are composited over the init image outside the mask (`overlay`, set by
+    `enable_composite`) and cropped to `crop` = (height, width) (the unpadded input size)."""
 
     crop: Optional[tuple[int, int]] = None
+    # (init image [1, 3, H, W] in [-1, 1], mask [1, 1, H, W], dilate, feather) at the padded size, or None.
+    overlay: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = super().decode(latents)
+        if self.overlay is not None:
+            init_image, mask, dilate, feather = self.overlay
+            images = composite_outside_mask(images, init_image, mask, dilate, feather)
         if self.crop is None:
             return images
         return images[..., : self.crop[0], : self.crop[1]].contiguous()
+
+
+def enable_composite(engine: Engine, image: torch.Tensor, mask: torch.Tensor, dilate: int = COMPOSITE_DILATE, feather: int = COMPOSITE_FEATHER) -> None:
+    """Make a CroppingEngine composite its outputs over `image` [1, 3, H, W] (in [-1, 1]) outside `mask`
+    [1, 1, H, W] (1 = repaint), see `composite_outside_mask`. A plain Engine is left as it is."""
+    repaint_weight(mask, dilate, feather)  # validates dilate and feather
+    if isinstance(engine, CroppingEngine):
+        engine.overlay = (image.detach().cpu(), mask.detach().cpu(), int(dilate), int(feather))
 
 
 def setup_inpainting(session: Any, engine: Engine, image: torch.Tensor, mask: torch.Tensor) -> str:
@@ -91,6 +159,7 @@ def setup_inpainting(session: Any, engine: Engine, image: torch.Tensor, mask: to
     model = session.model
     device = session.device
     unet = model.model.diffusion_model
+    enable_composite(engine, image, mask)
     image, mask = image.to(device), mask.to(device)
     with torch.no_grad():
         engine.init_posterior = model.encode_first_stage(image)

@@ -324,3 +324,37 @@ def choose_batch_size(model: MemoryModel, budget_bytes: int, n: int) -> int:
             model.predict(1) / 2**20, budget_bytes / 2**20,
         )
     return b
+
+
+# Default micro-batch when the user gives no --max_batch_size: UNet rows x latent area stays under this many
+# latent pixels (a row is one image, two with guidance in one call), and at most DEFAULT_MAX_IMAGES images.
+# CPU: 6 rows at 64x64 latents = 3 guided 512x512 images (the original's default n_samples), 1 at 1024x1024, the
+# cap of 8 for the 64x64-pixel demo model. Batching gains the CPU little at real sizes (measured: the demo UNet at 32x32
+# latents ran 2 and 16 rows per call at the same time per row) while memory grows linearly, and a CPU allocation
+# failure may end in the kernel's OOM killer rather than an exception the back-off can catch.
+# GPU: 8 rows at 64x64 = 4 guided 512x512 images, 1 at 768x768 (SD 2 v); an out-of-memory error halves it;
+# `--max_batch_size auto` measures what fits.
+DEFAULT_ROW_AREA = {"cpu": 6 * 64 * 64, "cuda": 8 * 64 * 64, "mps": 8 * 64 * 64}
+DEFAULT_MAX_IMAGES = 8
+
+
+def default_max_batch_size(device: torch.device, settings: Any, n_images: int) -> int:
+    """The micro-batch size (images per UNet call) to use when the user gives none: min(n_images, the most images
+    whose UNet rows x latent area stay under DEFAULT_ROW_AREA[device type], DEFAULT_MAX_IMAGES), at least 1.
+
+    Args:
+        device: where the UNet runs.
+        settings: the run's SamplingSettings (height, width, factor, guidance_scale, split_guidance are read).
+        n_images: images in the run (or the largest batch that may be grouped).
+    Returns:
+        an int in [1, max(1, n_images)]. A cheap rule, no measurement: `--max_batch_size auto` measures instead.
+    """
+    if n_images < 1:
+        raise ValueError(f"number of images must be positive, got {n_images}")
+    device = torch.device(device)
+    latent_area = max(1, (settings.height // settings.factor) * (settings.width // settings.factor))
+    guided_in_one_call = settings.guidance_scale != 1.0 and not settings.split_guidance
+    rows_per_image = 2 if guided_in_one_call else 1
+    budget = DEFAULT_ROW_AREA.get(device.type, DEFAULT_ROW_AREA["cuda"])
+    cap = max(1, min(DEFAULT_MAX_IMAGES, budget // (latent_area * rows_per_image)))
+    return min(n_images, cap)

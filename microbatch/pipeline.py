@@ -31,7 +31,7 @@ from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
 from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings
 from microbatch.images import load_init_image, to_uint8
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
-from microbatch.memory import choose_batch_size, measure_memory_model, memory_budget
+from microbatch.memory import choose_batch_size, default_max_batch_size, measure_memory_model, memory_budget
 from microbatch.metrics import RunMetrics
 from microbatch.offload import apply_offload
 from microbatch.parameters import png_parameters
@@ -43,9 +43,6 @@ logger = logging.getLogger(__name__)
 
 # The original scripts' guidance scale when neither the request nor the model's config gives one.
 SCRIPT_SCALE = {"txt2img": 7.5, "img2img": 5.0, "inpaint": 5.0}
-# Images per micro-batch when the request names no size: all of a prompt batch, up to this many on a CPU (a
-# larger batch is no faster there and only holds more memory) and on GPUs without a measured budget.
-DEFAULT_MAX_BATCH = 8
 
 
 @dataclass
@@ -150,12 +147,13 @@ def default_scale(loaded: LoadedModel, mode: str = "txt2img") -> float:
     return SCRIPT_SCALE["txt2img" if mode == "batch_gen" else mode]
 
 
-def micro_batch_size(request: GenerationRequest) -> int:
+def micro_batch_size(request: GenerationRequest, device: torch.device, settings: SamplingSettings) -> int:
     """The micro-batch size before any measurement: the request's number, else a prompt batch of n_samples images
-    up to DEFAULT_MAX_BATCH. ("auto" starts here too and is then measured, see `Pipeline.generate`.)"""
+    as far as `microbatch.memory.default_max_batch_size` allows for this size and device ("auto" starts here too
+    and is then measured, see `Pipeline.generate`)."""
     if isinstance(request.max_batch_size, int):
         return request.max_batch_size
-    return min(request.n_samples, DEFAULT_MAX_BATCH)
+    return default_max_batch_size(device, settings, request.n_samples)
 
 
 def round_size(value: int, multiple: int, name: str, notes: list[str]) -> int:
@@ -260,7 +258,8 @@ class Pipeline:
             width = round_size(request.width or native, multiple, "W", notes)
         scale = request.scale if request.scale is not None else self.default_scale(request.mode)
         jobs = request.jobs() if jobs is None else list(jobs)
-        settings = request.settings(height, width, scale, micro_batch_size(request), channels=self.model.channels, factor=self.vae_factor)
+        settings = request.settings(height, width, scale, 1, channels=self.model.channels, factor=self.vae_factor)
+        settings.max_batch_size = micro_batch_size(request, self.device, settings)
         steps = self.steps_run(settings)
         if request.mode != "txt2img":
             if steps == 0:

@@ -28,7 +28,7 @@ from microbatch.images import save_png_atomic
 from microbatch.job import Manifest, ManifestLine, SAMPLE_NAME, check_job_folder, items_to_do
 from microbatch.loading import file_sha256
 from microbatch.metrics import RunMetrics
-from microbatch.pipeline import GeneratedImage, Pipeline, micro_batch_size
+from microbatch.pipeline import GeneratedImage, Pipeline
 from microbatch.request import GenerationRequest, UsageError
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def run_job(
     if batch == "auto":
         batch = pipeline.measure_batch_size(request)
     elif batch is None:
-        batch = micro_batch_size(request)
+        batch = pipeline.plan(request, jobs=todo[:1]).settings.max_batch_size
     run_request = dataclasses.replace(request, max_batch_size=batch)
     queue = Queue(len(todo), rank.store, key=f"microbatch/queue/{rank.restart}")
     report = RankReport(rank.name)

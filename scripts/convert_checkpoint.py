@@ -20,6 +20,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from safetensors.torch import save_file
 
     from ldm.checkpoint import CheckpointError, check_readable, read_checkpoint, sniff_format
+    from microbatch.files import honour_umask
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
@@ -49,6 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     tmp = args.dst + ".partial"
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+    honour_umask(tmp)  # safetensors writes 0600; a converted checkpoint gets the umask's mode (0644 under 0022)
     os.replace(tmp, args.dst)
     print(f"wrote {len(sd)} tensors to {args.dst}")
     return 0

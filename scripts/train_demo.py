@@ -1,7 +1,8 @@
 """Train the embedded demo model from scratch: python scripts/train_demo.py [--ae_steps N] [--unet_steps N]
 
-Writes microbatch/assets/demo-shapes.safetensors and demo-shapes.yaml (or --out DIR); intermediate files (the
-stage-a autoencoder, encoded latents, resumable UNet state, train.log, summary.json) go to --workdir.
+Writes outputs/demo-train/demo-shapes.safetensors and demo-shapes.yaml (or --out DIR); intermediate files (the
+stage-a autoencoder, encoded latents, resumable UNet state, train.log, summary.json) go to --workdir. The shipped
+weights (microbatch/assets) are replaced only with --out microbatch/assets --replace_shipped.
 A re-run that keeps the autoencoder: --ae_from WORKDIR/stage-a-frozen.safetensors --ae_steps 0.
 
 The defaults are the shipped weights' recipe: one run of 60 min on 2 idle cores (autoencoder 2,400 steps, UNet
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, default=d["config"].default, help="model yaml")
     p.add_argument("--out", type=Path, default=d["out"].default, help="folder for demo-shapes.safetensors and .yaml")
+    p.add_argument("--replace_shipped", action="store_true", help="allow --out to be microbatch/assets, overwriting the shipped demo weights")
     p.add_argument("--workdir", type=Path, default=d["workdir"].default, help="folder for intermediate files and the log")
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--threads", type=int, default=d["threads"].default, help="torch CPU threads")
@@ -55,12 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # Must precede torch's OpenMP start-up to take effect (it does when this runs as a script).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from microbatch.demo.train import TrainSettings, finetune_decoder, train
+    from microbatch.demo.train import TrainSettings, check_out_folder, finetune_decoder, train
 
     args = build_parser().parse_args(argv)
     if args.finetune_decoder is not None:
         if not args.finetune_decoder.is_file():
             print(f"error: --finetune_decoder {args.finetune_decoder} not found", file=sys.stderr)
+            return 2
+        try:
+            check_out_folder(args.out, args.replace_shipped)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
         report = finetune_decoder(args.finetune_decoder, args.out / "demo-shapes.safetensors", args.decoder_steps, seed=args.seed, threads=args.threads)

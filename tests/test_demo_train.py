@@ -105,3 +105,23 @@ def test_script_refuses_bad_arguments_in_one_line(tmp_path, capsys):
         f"error: --ae_from {tmp_path / 'missing.safetensors'} not found",
         f"error: --finetune_decoder {tmp_path / 'missing.safetensors'} not found",
     ]
+
+
+def test_training_never_replaces_the_shipped_weights_by_default(tmp_path, capsys):
+    shipped = ROOT / "microbatch" / "assets"
+    assert (shipped / "demo-shapes.safetensors").is_file()
+    assert T.TrainSettings().out == ROOT / "outputs" / "demo-train"
+    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.build_parser().parse_args([]).out.resolve() != shipped.resolve()
+    with pytest.raises(ValueError, match="holds the shipped demo weights"):
+        tiny_settings(tmp_path, out=shipped)
+    assert tiny_settings(tmp_path, out=shipped, replace_shipped=True).out == shipped  # explicit: allowed
+    checkpoint = shipped / "demo-shapes.safetensors"
+    before = checkpoint.stat().st_mtime_ns
+    assert script.main(["--out", str(shipped), "--workdir", str(tmp_path)]) == 2
+    assert script.main(["--finetune_decoder", str(checkpoint), "--out", str(shipped)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {shipped} holds the shipped demo weights (demo-shapes.safetensors); pass --replace_shipped to overwrite them"] * 2
+    assert checkpoint.stat().st_mtime_ns == before

@@ -36,6 +36,49 @@ def test_image_depends_on_its_seed_not_on_batching(tiny_model, sampler, eta):
     assert not torch.equal(a[2].latent, a[3].latent)
 
 
+@pytest.fixture(scope="module")
+def demo_model():
+    from microbatch.devices import Dtypes
+    from microbatch.loading import demo_checkpoint, load_model
+
+    full = Dtypes(torch.float32, torch.float32, torch.float32)
+    return load_model(demo_checkpoint(), None, CPU, full, is_demo=True).model
+
+
+def test_every_micro_batch_size_gives_the_same_demo_images(demo_model):
+    """The demo model in float32 on the CPU: micro-batches of 8 (16 UNet rows, where oneDNN switched convolution
+    kernels and 3 of 8 images moved by one pixel level) and of odd sizes equal micro-batch 1 bit for bit."""
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+
+    def run(batch, **kw):
+        jobs = [ImageJob(i, prompts[i % 2], 100 + i) for i in range(8)]
+        out = []
+        settings = SamplingSettings(steps=6, height=64, width=64, guidance_scale=2.0, max_batch_size=batch, **kw)
+        Engine(demo_model, CPU).run(jobs, settings, out.extend)
+        return out
+
+    reference = run(1)
+    for batch in (8, 3, 5):
+        out = run(batch)
+        assert [d.job.index for d in out] == list(range(8))
+        assert all(torch.equal(a.latent, r.latent) for a, r in zip(out, reference)), f"micro-batch {batch}"
+        assert all(torch.equal(a.image, r.image) for a, r in zip(out, reference)), f"micro-batch {batch}"
+    split = run(8, split_guidance=True)
+    assert all(torch.equal(a.latent, r.latent) for a, r in zip(split, reference))
+
+
+def test_rowwise_conv_matches_a_plain_conv_row_by_row():
+    from ldm.modules.diffusionmodules.util import RowwiseConv2d, conv_nd
+
+    conv = conv_nd(2, 64, 128, 3, padding=1)
+    assert isinstance(conv, RowwiseConv2d) and set(conv.state_dict()) == {"weight", "bias"}
+    x = torch.randn(16, 64, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rows = torch.cat([conv(x[i : i + 1]) for i in range(16)])
+        assert torch.equal(conv(x), rows)
+        assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5)
+
+
 def test_script_level_batch_invariance_bit_identical_pngs(tmp_path, monkeypatch, tiny_ckpt):
     monkeypatch.chdir(tmp_path)
     txt2img = load_script("txt2img")
@@ -81,6 +124,50 @@ def test_out_of_memory_halves_the_micro_batch_and_loses_nothing(tiny_model, monk
     assert [d.job.index for d in done] == [0, 1, 2, 3, 4]
     assert all(torch.equal(d.latent, r.latent) for d, r in zip(done, reference))
     assert "out of memory" in caplog.text
+
+
+CPU_ALLOCATOR_FAILURE = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "26843545600 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+@pytest.mark.parametrize("make_error", [lambda: RuntimeError(CPU_ALLOCATOR_FAILURE), lambda: MemoryError()], ids=["cpu_allocator", "MemoryError"])
+def test_cpu_out_of_memory_also_halves_the_micro_batch(tiny_model, monkeypatch, make_error):
+    reference = run_engine(tiny_model, 0, 3, 1)
+    real = tiny_model.apply_model
+
+    def flaky(x, t, cond):
+        if x.shape[0] > 2:
+            raise make_error()
+        return real(x, t, cond)
+
+    monkeypatch.setattr(tiny_model, "apply_model", flaky)
+    done, changes = [], []
+    jobs = [ImageJob(i, "a red circle", i) for i in range(3)]
+    final = Engine(tiny_model, CPU).run(jobs, SamplingSettings(steps=4, height=64, width=64, max_batch_size=3), done.extend, lambda a, b: changes.append((a, b)))
+    assert final == 1 and changes == [(3, 1)]
+    assert all(torch.equal(d.latent, r.latent) for d, r in zip(done, reference))
+
+
+def test_is_out_of_memory_recognises_allocation_failures_only():
+    from microbatch.devices import is_out_of_memory
+
+    for error in (
+        RuntimeError(CPU_ALLOCATOR_FAILURE),
+        RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB"),
+        MemoryError(),
+    ):
+        assert is_out_of_memory(error), error
+    for error in (
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+        RuntimeError("Storage size calculation overflowed with sizes=[4611686018427387904]"),
+        ValueError("can't allocate memory"),  # not an allocation failure of torch's
+        KeyboardInterrupt(),
+    ):
+        assert not is_out_of_memory(error), error
 
 
 def test_half_precision_vae_nan_falls_back_to_float32_once(tiny_model, caplog):
@@ -141,3 +228,30 @@ def test_invalid_slicing_values_are_rejected():
             resolve_backend("auto", bad)
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("flash3")
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("euler_a", 1.0), ("dpmpp_2m_sde", 1.0)])
+def test_img2img_at_strength_one_equals_txt2img_from_the_same_seed(tiny_model, sampler, eta):
+    """The README's promise: strength 1.0 starts from pure noise, so the init image must not change the result,
+    for deterministic and stochastic samplers alike (the posterior sample has a generator of its own)."""
+    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        posterior = tiny_model.encode_first_stage(init)
+    jobs = [ImageJob(i, "a red circle", 7 + i) for i in range(3)]
+
+    def run(init_posterior, strength):
+        out = []
+        settings = SamplingSettings(sampler=sampler, eta=eta, steps=5, height=64, width=64, max_batch_size=2, strength=strength)
+        Engine(tiny_model, CPU, init_posterior=init_posterior).run(jobs, settings, out.extend)
+        return out
+
+    txt = run(None, None)
+    img = run(posterior, 1.0)
+    assert all(torch.equal(a.latent, b.latent) and torch.equal(a.image, b.image) for a, b in zip(img, txt))
+    # Below strength 1 the init image matters, and each image is still a function of its seed alone.
+    partial = run(posterior, 0.6)
+    assert not torch.equal(partial[0].latent, txt[0].latent)
+    single = []
+    settings = SamplingSettings(sampler=sampler, eta=eta, steps=5, height=64, width=64, max_batch_size=1, strength=0.6)
+    Engine(tiny_model, CPU, init_posterior=posterior).run(jobs[2:], settings, single.extend)
+    assert torch.equal(single[0].latent, partial[2].latent)

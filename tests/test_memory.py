@@ -116,3 +116,22 @@ def test_free_memory_and_budget():
     assert tensor_bytes(model) < budget <= tensor_bytes(model) + free
     with pytest.raises(ValueError, match="max_memory"):
         memory_budget(CPU, model, max_memory_gb=0)
+
+
+def test_default_micro_batch_is_bounded_whatever_n_samples():
+    """--n_samples 100000 without --max_batch_size must not put every image into one micro-batch."""
+    from microbatch.engine import SamplingSettings
+    from microbatch.memory import default_max_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    sd = SamplingSettings(height=512, width=512)
+    assert default_max_batch_size(cpu, sd, 100_000) == 3
+    assert default_max_batch_size(cuda, sd, 100_000) == 4
+    assert default_max_batch_size(cpu, sd, 2) == 2  # never more than the images there are
+    assert default_max_batch_size(cpu, SamplingSettings(height=1024, width=1024), 100_000) == 1
+    assert default_max_batch_size(cpu, SamplingSettings(height=512, width=512, split_guidance=True), 100_000) == 6
+    assert default_max_batch_size(cpu, SamplingSettings(height=64, width=64), 100_000) == 8  # demo model: the cap
+    assert default_max_batch_size(cuda, SamplingSettings(height=768, width=768), 9) == 1
+    assert default_max_batch_size(cuda, SamplingSettings(height=256, width=256), 9) == 8
+    with pytest.raises(ValueError, match="positive"):
+        default_max_batch_size(cpu, sd, 0)

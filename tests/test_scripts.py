@@ -101,7 +101,7 @@ def test_memory_flags_end_to_end(tmp_path, monkeypatch, tiny_ckpt, capsys):
     calls = []
     real = vt.decode_tiled
     monkeypatch.setattr("microbatch.engine.decode_tiled", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
-    assert batch_gen.main(base + ["--n_samples", "1", "--vae_tiling", "on", "--vae_tile", "4", "--vae_tile_overlap", "2", "--offload", "model", "--outdir", "t"]) == 0
+    assert batch_gen.main(base + ["--n_samples", "1", "--vae_tiling", "on", "--H", "256", "--W", "256", "--vae_tile", "16", "--vae_tile_overlap", "8", "--offload", "model", "--outdir", "t"]) == 0
     assert calls and (tmp_path / "t" / "samples" / "00000.png").is_file()
     assert batch_gen.main(base + ["--max_batch_size", "lots"]) == 2
     assert "--max_batch_size must be a positive integer or auto" in capsys.readouterr().err

@@ -166,3 +166,17 @@ def test_settings_validate_and_decide_when_to_tile():
     for bad in (dict(tile=1), dict(overlap=64), dict(overlap=-1), dict(blend="step"), dict(mode="always")):
         with pytest.raises(ValueError):
             TileSettings(**bad)
+
+
+def test_settings_refuse_tiles_and_overlaps_too_small_for_sane_images():
+    """--vae_tile 4 gave a garbage image (demo model: up to 246 of 255 levels off); the minimums are measured (see
+    MIN_TILE in microbatch.vae_tiling)."""
+    from microbatch.vae_tiling import MIN_OVERLAP, MIN_TILE
+
+    assert (MIN_TILE, MIN_OVERLAP) == (16, 8)
+    with pytest.raises(ValueError, match=r"^VAE tile must be at least 16 latents \(128 pixels at f = 8\), got 4$"):
+        TileSettings(mode="on", tile=4, overlap=2)
+    with pytest.raises(ValueError, match=r"^VAE tile overlap must be at least 8 latents \(64 pixels at f = 8\), got 4$"):
+        TileSettings(tile=32, overlap=4)
+    assert TileSettings(tile=16, overlap=8).applies(17, 8) is False  # auto: only above 2 x tile
+    TileSettings(tile=MIN_TILE, overlap=MIN_OVERLAP)  # the minimums themselves are fine

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention_backends import AttentionBackend
-from ldm.modules.diffusionmodules.util import zero_module
+from ldm.modules.diffusionmodules.util import conv_nd, zero_module
 
 
 class GEGLU(nn.Module):
@@ -123,7 +123,7 @@ class SpatialTransformer(nn.Module):
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+            self.proj_in = conv_nd(2, in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim[d], disable_self_attn=disable_self_attn)
             for d in range(depth)
@@ -131,7 +131,7 @@ class SpatialTransformer(nn.Module):
         if use_linear:
             self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
         else:
-            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+            self.proj_out = zero_module(conv_nd(2, inner_dim, in_channels, kernel_size=1))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo" / "shapes-64.yaml"
-DEFAULT_OUT = REPO_ROOT / "microbatch" / "assets"
+SHIPPED_DIR = REPO_ROOT / "microbatch" / "assets"  # the weights the scripts use without --ckpt
+DEFAULT_OUT = REPO_ROOT / "outputs" / "demo-train"  # a new run never replaces the shipped weights by default
 CHECKPOINT_NAME = "demo-shapes"
 FROZEN_FILE = "stage-a-frozen.safetensors"  # the trained autoencoder and the text encoder, float16-rounded
 STATE_FILE = "unet-state.pt"  # resumable UNet training state
@@ -89,8 +90,10 @@ class TrainSettings:
     snapshot_every: int = 250
     resume: bool = False
     log_every: int = 50
+    replace_shipped: bool = False  # allow `out` to be the shipped weights' folder
 
     def __post_init__(self) -> None:
+        check_out_folder(self.out, self.replace_shipped)
         for name in ("ae_batch", "unet_batch", "threads", "n_latents", "scale_images", "log_every", "snapshot_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +108,14 @@ class TrainSettings:
             raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
         if self.scale_images > self.n_latents:
             raise ValueError(f"scale_images ({self.scale_images}) must not exceed n_latents ({self.n_latents})")
+
+
+def check_out_folder(out: Path, replace_shipped: bool = False) -> None:
+    """Refuse to write into the folder of the shipped demo weights (which every script without --ckpt uses) unless
+    `replace_shipped` says so."""
+    shipped = SHIPPED_DIR / f"{CHECKPOINT_NAME}.safetensors"
+    if not replace_shipped and shipped.is_file() and Path(out).resolve() == SHIPPED_DIR.resolve():
+        raise ValueError(f"--out {out} holds the shipped demo weights ({shipped.name}); pass --replace_shipped to overwrite them")
 
 
 # -- small helpers ------------------------------------------------------------------------------------------------
