@@ -89,6 +89,10 @@ def infer_config(state_dict: dict[str, torch.Tensor], ckpt: Path) -> tuple[Path,
     text tower (`cond_stage_model.model.*`); the UNet's input channels pick plain (4) or inpainting (9), and the
     candidate whose every weight shape matches (built on the meta device) wins. eps vs v is decided after loading.
     """
+    from microbatch.sdxl import infer_sdxl_config  # SDXL base / refiner (conditioner.embedders.*)
+
+    if (sdxl := infer_sdxl_config(state_dict, str(ckpt))) is not None:
+        return sdxl
     token = state_dict.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
     ctx = state_dict.get(_UNET_CONTEXT)
     conv_in = state_dict.get(_UNET_CONV_IN)
