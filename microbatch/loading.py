@@ -99,6 +99,10 @@ def infer_config(state_dict: dict[str, torch.Tensor], ckpt: Path) -> tuple[Path,
     masked-image latent), and the candidate whose every weight shape matches (built on the meta device) wins. eps
     vs v is decided after loading.
     """
+    from microbatch.sdxl import infer_sdxl_config  # SDXL base / refiner (conditioner.embedders.*)
+
+    if (sdxl := infer_sdxl_config(state_dict, str(ckpt))) is not None:
+        return sdxl
     ctx = state_dict.get(_UNET_CONTEXT)
     conv_in = state_dict.get(_UNET_CONV_IN)
     families = (

@@ -1,6 +1,7 @@
 """The Stable Diffusion UNet (`UNetModel`), inference only, with the original module names.
 
 Shapes for SD v1 at 512x512: x [B, 4, 64, 64], timesteps [B], context [B, 77, 768] -> [B, 4, 64, 64].
+SDXL base at 1024x1024: x [B, 4, 128, 128], context [B, 77, 2048] and the `adm` vector y [B, 2816].
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class TimeEmbedding:
 
     A batch usually holds one timestep, so the time MLPs run once on U rows instead of B. That is cheaper, and it
     keeps every image's result independent of the batch size: small-M matrix products take other kernels (with
-    another summation order) than large ones.
+    another summation order) than large ones. With an `adm` vector (SDXL) the distinct rows are the distinct
+    (timestep, vector) pairs: a guided batch holds about two.
     """
 
     def __init__(self, values: torch.Tensor, index: torch.Tensor):
@@ -159,11 +161,28 @@ def _per_level(value: Union[int, Sequence[int]], n: int, name: str) -> list[int]
     return value
 
 
+def _single_context_dim(context_dim: Union[int, Sequence[int]]) -> int:
+    """The cross-attention width. Lists (one entry per level, as in the SDXL refiner yaml) must be homogeneous."""
+    if not hasattr(context_dim, "__len__"):  # an int
+        return context_dim
+    widths = list(context_dim)
+    if not widths or any(w != widths[0] for w in widths):
+        raise ValueError(f"context_dim lists must repeat one width, got {widths}")
+    return widths[0]
+
+
 class UNetModel(nn.Module):
     """The latent-diffusion UNet with cross-attention (SpatialTransformer) blocks.
 
     Accepts the published yaml parameters; training-only ones (use_checkpoint, use_fp16) are accepted and do not
     change the computation: the compute dtype is the pipeline's decision, set by casting the module.
+
+    SDXL options (sgm's UNet): `num_classes: sequential` with `adm_in_channels` adds the label embedding
+    `label_emb.0.{0,2}` (an MLP of the conditioning vector y [B, adm_in_channels], added to the time embedding);
+    `transformer_depth` may be a list per level (the output blocks of a level use that level's depth) and
+    `transformer_depth_middle` sets the middle block's (default: the last level's); `disable_middle_transformer`
+    replaces the middle transformer by an identity. `spatial_transformer_attn_type` is accepted and ignored (the
+    attention kernel is a strategy set on the built model).
     """
 
     def __init__(
@@ -197,6 +216,9 @@ class UNetModel(nn.Module):
         num_attention_blocks: Optional[Sequence[int]] = None,
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
+        adm_in_channels: Optional[int] = None,
+        transformer_depth_middle: Optional[int] = None,
+        disable_middle_transformer: bool = False,
         **ignored,
     ):
         super().__init__()
@@ -206,14 +228,15 @@ class UNetModel(nn.Module):
             raise ValueError("only UNets with use_spatial_transformer: True (Stable Diffusion) are supported")
         if context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim")
-        if num_classes is not None or n_embed is not None:
-            raise ValueError("class-conditional and codebook UNets (num_classes, n_embed) are not supported")
+        if n_embed is not None or (num_classes is not None and num_classes != "sequential"):
+            raise ValueError(f"class-conditional and codebook UNets are not supported (num_classes {num_classes!r}, n_embed {n_embed!r}); only num_classes: sequential (SDXL)")
+        if num_classes == "sequential" and not adm_in_channels:
+            raise ValueError(f"num_classes: sequential needs adm_in_channels (the conditioning vector's width), got {adm_in_channels!r}")
         if resblock_updown:
             raise ValueError("resblock_updown is not supported")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("either num_heads or num_head_channels must be set")
-        if hasattr(context_dim, "__len__"):  # ListConfig from OmegaConf
-            context_dim = list(context_dim)[0]
+        context_dim = _single_context_dim(context_dim)
 
         self.image_size = image_size
         self.in_channels = in_channels
@@ -222,9 +245,12 @@ class UNetModel(nn.Module):
         levels = len(channel_mult)
         self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
         depths = _per_level(transformer_depth, levels, "transformer_depth")
+        depth_middle = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
         self.attention_resolutions = list(attention_resolutions)
         self.channel_mult = list(channel_mult)
         self.context_dim = context_dim
+        self.num_classes = num_classes
+        self.adm_in_channels = adm_in_channels if num_classes is not None else None
         self.predict_codebook_ids = False
 
         def heads_for(ch: int) -> tuple[int, int]:
@@ -236,15 +262,20 @@ class UNetModel(nn.Module):
                 dim_head = ch // heads
             return heads, dim_head
 
-        def attention_block(ch: int, level: int, nr: int, disable_self: bool) -> SpatialTransformer:
+        def attention_block(ch: int, depth: int, disable_self: bool) -> SpatialTransformer:
             heads, dim_head = heads_for(ch)
             return SpatialTransformer(
-                ch, heads, dim_head, depth=depths[level], dropout=dropout, context_dim=context_dim,
+                ch, heads, dim_head, depth=depth, dropout=dropout, context_dim=context_dim,
                 disable_self_attn=disable_self, use_linear=use_linear_in_transformer,
             )
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
+        if num_classes == "sequential":
+            # sgm's key layout: label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(
+                nn.Sequential(linear(adm_in_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
         input_block_chans = [model_channels]
@@ -258,7 +289,7 @@ class UNetModel(nn.Module):
                 ch = mult * model_channels
                 if ds in self.attention_resolutions and (num_attention_blocks is None or nr < num_attention_blocks[level]):
                     disable_self = bool(disable_self_attentions[level]) if disable_self_attentions is not None else False
-                    layers.append(attention_block(ch, level, nr, disable_self))
+                    layers.append(attention_block(ch, depths[level], disable_self))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != levels - 1:
@@ -268,7 +299,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, time_embed_dim, dropout, dims=dims, use_scale_shift_norm=use_scale_shift_norm),
-            attention_block(ch, levels - 1, 0, disable_middle_self_attn),
+            nn.Identity() if disable_middle_transformer else attention_block(ch, depth_middle, disable_middle_self_attn),
             ResBlock(ch, time_embed_dim, dropout, dims=dims, use_scale_shift_norm=use_scale_shift_norm),
         )
 
@@ -282,7 +313,7 @@ class UNetModel(nn.Module):
                 ch = model_channels * mult
                 if ds in self.attention_resolutions and (num_attention_blocks is None or i < num_attention_blocks[level]):
                     disable_self = bool(disable_self_attentions[level]) if disable_self_attentions is not None else False
-                    layers.append(attention_block(ch, level, i, disable_self))
+                    layers.append(attention_block(ch, depths[level], disable_self))
                 if level and i == self.num_res_blocks[level]:
                     layers.append(Upsample(ch, conv_resample, dims=dims, out_channels=ch))
                     ds //= 2
@@ -297,10 +328,19 @@ class UNetModel(nn.Module):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, **kwargs
     ) -> torch.Tensor:
-        """x [B, in_channels, h, w], timesteps [B] (may be fractional), context [B, M, context_dim]."""
+        """x [B, in_channels, h, w], timesteps [B] (may be fractional), context [B, M, context_dim]; y [B,
+        adm_in_channels] exactly when the UNet has a label embedding (SDXL)."""
         dtype = self.dtype
-        distinct, index = torch.unique(timesteps, return_inverse=True)
-        emb = TimeEmbedding(self.time_embed(timestep_embedding(distinct, self.model_channels).to(dtype)), index)
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError(
+                f"the conditioning vector y must be given exactly when the UNet has a label embedding "
+                f"(num_classes {self.num_classes!r}); got y {None if y is None else tuple(y.shape)}"
+            )
+        if y is None:
+            distinct, index = torch.unique(timesteps, return_inverse=True)
+            emb = TimeEmbedding(self.time_embed(timestep_embedding(distinct, self.model_channels).to(dtype)), index)
+        else:
+            emb = self._time_and_label_embedding(timesteps, y, dtype)
         if context is not None:
             context = context.to(dtype)
         h = x.to(dtype)
@@ -312,3 +352,13 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+    def _time_and_label_embedding(self, timesteps: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> TimeEmbedding:
+        """time_embed(t) + label_emb(y), computed once per distinct (t, y) row: [U, C] and the index [B]."""
+        if y.dim() != 2 or y.shape[0] != timesteps.shape[0] or y.shape[1] != self.adm_in_channels:
+            raise ValueError(f"y must be [B={timesteps.shape[0]}, {self.adm_in_channels}], got {tuple(y.shape)}")
+        rows = torch.cat([timesteps[:, None].to(torch.float64), y.to(torch.float64)], dim=1)
+        distinct, index = torch.unique(rows, dim=0, return_inverse=True)
+        t, y = distinct[:, 0], distinct[:, 1:]
+        values = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype)) + self.label_emb(y.to(dtype))
+        return TimeEmbedding(values, index)
