@@ -26,7 +26,25 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ldm.modules.encoders.modules import LongPromptEncoder
+from ldm.modules.encoders.modules import EMPHASIS_MODES, LongPromptEncoder, check_emphasis
+
+__all__ = [
+    "EMPHASIS_MODES",
+    "ComposableScheduledPromptConditioning",
+    "MulticondLearnedConditioning",
+    "ScheduledPromptConditioning",
+    "combine_denoised",
+    "get_learned_conditioning",
+    "get_learned_conditioning_prompt_schedules",
+    "get_multicond_learned_conditioning",
+    "get_multicond_prompt_list",
+    "pad_cond_uncond",
+    "pad_cond_uncond_v0",
+    "parse_prompt_attention",
+    "reconstruct_cond_batch",
+    "reconstruct_multicond_batch",
+    "stack_conds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +381,7 @@ def get_learned_conditioning(
     clip_skip: int = 1,
     hires_steps: Optional[int] = None,
     use_old_scheduling: bool = False,
+    emphasis: str = "Original",
 ) -> list[list[ScheduledPromptConditioning]]:
     """Prompts -> for each, its schedule [ScheduledPromptConditioning(end_at_step, cond [77 k, C]), ...].
 
@@ -377,7 +396,11 @@ def get_learned_conditioning(
         steps: denoiser calls of the run (for `[a:b:when]` and `[a|b]`).
         clip_skip: 1 = the last layer; N = the N-th layer from the end (SD 1.x; no effect on SD 2.x).
         hires_steps, use_old_scheduling: see get_learned_conditioning_prompt_schedules.
+        emphasis: the web UI's "Emphasis" setting, one of EMPHASIS_MODES: "Original" (default), "No norm" (weights
+            without restoring the mean), "Ignore" (syntax parsed, weights not applied), "None" (brackets and BREAK
+            are plain text).
     """
+    check_emphasis(emphasis)
     encoder = _text_encoder(model)
     schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
     by_prompt = dict(zip(prompts, schedules))
@@ -385,7 +408,8 @@ def get_learned_conditioning(
     for schedule in by_prompt.values():
         for _, text in schedule:
             if text not in chunked:
-                chunked[text] = encoder.tokenize_weighted(parse_prompt_attention(text))
+                fragments = [[text, 1.0]] if emphasis == "None" else parse_prompt_attention(text)
+                chunked[text] = encoder.tokenize_weighted(fragments)
     rows = [row for chunks in chunked.values() for row in chunks.tokens]
     if len({len(c.tokens) for c in chunked.values()}) > 1:
         rows.append(encoder.empty_chunk())
@@ -393,7 +417,7 @@ def get_learned_conditioning(
         encoded = encoder.encode_chunk_rows(rows, clip_skip)
         results = {}
         for prompt, schedule in by_prompt.items():
-            conds = encoder.assemble([chunked[text] for _, text in schedule], encoded)
+            conds = encoder.assemble([chunked[text] for _, text in schedule], encoded, emphasis)
             results[prompt] = [ScheduledPromptConditioning(end, cond) for (end, _), cond in zip(schedule, conds)]
     return [list(results[p]) for p in prompts]
 
@@ -492,11 +516,17 @@ class MulticondLearnedConditioning:
 
 
 def get_multicond_learned_conditioning(
-    model: Any, prompts: Sequence[str], steps: int, clip_skip: int = 1, hires_steps: Optional[int] = None, use_old_scheduling: bool = False
+    model: Any,
+    prompts: Sequence[str],
+    steps: int,
+    clip_skip: int = 1,
+    hires_steps: Optional[int] = None,
+    use_old_scheduling: bool = False,
+    emphasis: str = "Original",
 ) -> MulticondLearnedConditioning:
     """get_learned_conditioning for positive prompts with AND: each part is scheduled and encoded on its own."""
     indexes, texts, _ = get_multicond_prompt_list(prompts)
-    learned = get_learned_conditioning(model, texts, steps, clip_skip, hires_steps, use_old_scheduling)
+    learned = get_learned_conditioning(model, texts, steps, clip_skip, hires_steps, use_old_scheduling, emphasis)
     batch = [[ComposableScheduledPromptConditioning(learned[i], weight) for i, weight in parts] for parts in indexes]
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
 

@@ -292,3 +292,34 @@ def test_multicond_conditioning(v1):
     assert conds_list == [[(0, 1.0), (1, 0.5)], [(2, 1.0)]]
     assert tensor.shape == (3, 77, 32)
     assert torch.equal(tensor[0], cond(v1, "a cat")) and torch.equal(tensor[1], cond(v1, " a dog")) and torch.equal(tensor[2], tensor[0])
+
+
+def test_emphasis_modes(v1):
+    prompt = "a (red:1.5) cat BREAK dog"
+    toks = ids(v1, "a red cat")
+    z = hidden(v1, [row(v1, toks), row(v1, ids(v1, "dog"))])
+    w = torch.ones(1, 77)
+    w[0, 2] = 1.5
+    weighted = z[:1] * w[..., None]
+    by_mode = {m: get_learned_conditioning(v1, [prompt], 10, emphasis=m)[0][0].cond for m in ("Original", "No norm", "Ignore", "None")}
+    torch.testing.assert_close(by_mode["Original"][:77], emphasis(z[:1], w)[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(by_mode["No norm"][:77], weighted[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(by_mode["Ignore"], z.reshape(154, -1), rtol=0, atol=1e-6)
+    # "None": brackets and BREAK are plain text
+    literal = ids(v1, prompt)
+    torch.testing.assert_close(by_mode["None"], hidden(v1, [row(v1, literal)])[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="emphasis must be one of"):
+        get_learned_conditioning(v1, [prompt], 10, emphasis="original")
+
+
+@pytest.mark.parametrize("name", ["v1", "v2"])
+def test_encode_weighted_is_one_web_ui_batch(name, request):
+    model = request.getfixturevalue(name)
+    enc = model.cond_stage_model
+    long = " ".join(words(100))
+    with torch.no_grad():
+        out = enc.encode_weighted([[["a cat", 1.0]], [[long, 1.0]]])
+    t = ids(model, long)
+    expected = hidden(model, [row(model, ids(model, "a cat")), row(model, []), row(model, t[:75]), row(model, t[75:])])
+    assert out.shape == (2, 154, expected.shape[-1])
+    torch.testing.assert_close(out, expected.reshape(2, 154, -1), rtol=0, atol=1e-6)

@@ -126,19 +126,32 @@ def split_into_chunks(
     return PromptChunks(tuple(chunks), tuple(weights), token_count)
 
 
-def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
-    """The web UI's default ("Original") emphasis on one chunk position of a batch.
+# The web UI's "Emphasis" setting: "Original" (its default) weights and restores the mean, "No norm" only weights,
+# "Ignore" parses the syntax but applies no weights, "None" does not parse it at all (microbatch.prompts's concern).
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 
-    z [N, 77, C] hidden states of the chunks encoded together, multipliers [N, 77]: z is multiplied by each token's
-    weight, then rescaled so that its mean over the whole [N, 77, C] tensor equals the mean before weighting.
-    All-1.0 weights return z itself (bit-identical to no emphasis). Computed in float32, returned in z's dtype.
+
+def check_emphasis(emphasis: Any) -> str:
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {emphasis!r}")
+    return emphasis
+
+
+def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, emphasis: str = "Original") -> torch.Tensor:
+    """The web UI's emphasis on one chunk position of a batch.
+
+    z [N, 77, C] hidden states of the chunks encoded together, multipliers [N, 77]. "Original": z is multiplied by
+    each token's weight, then rescaled so that its mean over the whole [N, 77, C] tensor equals the mean before
+    weighting; "No norm": only multiplied; "Ignore" / "None": z unchanged. All-1.0 weights return z itself
+    (bit-identical to no emphasis). Computed in float32, returned in z's dtype.
     """
-    if bool((multipliers == 1.0).all()):
+    if check_emphasis(emphasis) in ("Ignore", "None") or bool((multipliers == 1.0).all()):
         return z
     zf = z.float()
     original_mean = zf.mean()
     zf = zf * multipliers.to(device=z.device, dtype=torch.float32).unsqueeze(-1)
-    zf = zf * (original_mean / zf.mean())
+    if emphasis == "Original":
+        zf = zf * (original_mean / zf.mean())
     return zf.to(z.dtype)
 
 
@@ -192,13 +205,15 @@ class LongPromptEncoder:
                 encoded[row] = z
         return encoded
 
-    def assemble(self, group: Sequence[PromptChunks], encoded: Mapping[ChunkRow, torch.Tensor]) -> torch.Tensor:
+    def assemble(self, group: Sequence[PromptChunks], encoded: Mapping[ChunkRow, torch.Tensor], emphasis: str = "Original") -> torch.Tensor:
         """Prompts encoded together (one web UI forward call) -> [n, 77 k, C], k the group's largest chunk count.
 
         Prompts with fewer chunks are padded with the empty-prompt chunk; emphasis is applied per chunk position
         with the mean taken over the whole group at that position, as the web UI does. `encoded` holds every chunk
-        of the group (and the empty chunk when padding is needed), from `encode_chunk_rows`.
+        of the group (and the empty chunk when padding is needed), from `encode_chunk_rows`. `emphasis`: one of
+        EMPHASIS_MODES (see apply_emphasis).
         """
+        check_emphasis(emphasis)
         if not group:
             raise ValueError("assemble needs at least one prompt")
         count = max(len(p.tokens) for p in group)
@@ -208,17 +223,18 @@ class LongPromptEncoder:
             rows = [p.tokens[i] if i < len(p.tokens) else empty for p in group]
             ones = (1.0,) * len(rows[0])
             mults = torch.tensor([p.multipliers[i] if i < len(p.tokens) else ones for p in group], dtype=torch.float32)
-            parts.append(apply_emphasis(torch.stack([encoded[row] for row in rows]), mults))
+            parts.append(apply_emphasis(torch.stack([encoded[row] for row in rows]), mults, emphasis))
         return parts[0] if count == 1 else torch.cat(parts, dim=1)
 
-    def encode_weighted(self, prompts: Sequence[Sequence[Sequence[Any]]], clip_skip: int = 1) -> torch.Tensor:
+    def encode_weighted(self, prompts: Sequence[Sequence[Sequence[Any]]], clip_skip: int = 1, emphasis: str = "Original") -> torch.Tensor:
         """Batch of weighted prompts (each a list of (text, weight) fragments) -> context [B, 77 k, C], encoded
         together as the web UI encodes one batch: chunks, empty-chunk padding, emphasis over the batch."""
+        check_emphasis(emphasis)
         group = [self.tokenize_weighted(fragments) for fragments in prompts]
         rows = [row for p in group for row in p.tokens]
         if any(len(p.tokens) < max(len(q.tokens) for q in group) for p in group):
             rows.append(self.empty_chunk())
-        return self.assemble(group, self.encode_chunk_rows(rows, clip_skip))
+        return self.assemble(group, self.encode_chunk_rows(rows, clip_skip), emphasis)
 
 
 class CLIPTextHolder(nn.Module):
