@@ -1,11 +1,19 @@
 """Text encoders. `FrozenCLIPEmbedder` (SD v1) builds CLIP's text transformer locally; `FrozenOpenCLIPEmbedder`
 (SD 2.x) builds OpenCLIP's text tower. Nothing is downloaded: weights come from the checkpoint and the tokenizer
-from the BPE merges file shipped in this package."""
+from the BPE merges file shipped in this package.
+
+Both also encode prompts of any length the AUTOMATIC1111 web UI's way (`LongPromptEncoder`): weighted text fragments
+are tokenized, split into chunks of 75 tokens (breaking after a nearby comma, and wherever a BREAK fragment stands),
+each chunk wrapped in bos/eos and padded to 77, encoded separately, weighted, and concatenated to [B, 77 k, C]. The
+prompt language itself (parsing `(word:1.2)`, BREAK, scheduling) lives in `microbatch.prompts`.
+"""
 from __future__ import annotations
 
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional
 
 import torch
@@ -36,6 +44,197 @@ VIT_L14_TEXT_CONFIG: dict[str, Any] = dict(
 class AbstractEncoder(nn.Module):
     def encode(self, *args, **kwargs):
         raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Long prompts: 75-token chunks, comma back-tracking, BREAK, emphasis (the web UI's defaults).
+
+CHUNK_LENGTH = 75  # prompt tokens per chunk; with bos and eos each chunk fills CLIP's 77 positions
+COMMA_BACKTRACK = 20  # the web UI's default "comma_padding_backtrack" (its "prompt word wrap length limit")
+BREAK = ("BREAK", -1.0)  # the fragment microbatch.prompts.parse_prompt_attention emits for the BREAK keyword
+ChunkRow = tuple[int, ...]  # the 77 token ids of one chunk
+
+
+@dataclass(frozen=True)
+class PromptChunks:
+    """One prompt as chunks of 77 tokens.
+
+    Attributes:
+        tokens: k rows of 77 ids: bos, up to 75 prompt ids, eos, then padding (the encoder's pad id).
+        multipliers: k rows of 77 emphasis weights (1.0 at bos, eos and padding).
+        token_count: prompt tokens as the web UI counts them: 75 per chunk before the last, plus the last chunk's.
+    """
+
+    tokens: tuple[ChunkRow, ...]
+    multipliers: tuple[tuple[float, ...], ...]
+    token_count: int
+
+
+def split_into_chunks(
+    pieces: Sequence[Optional[tuple[Sequence[int], float]]],
+    bos: int,
+    eos: int,
+    pad: int,
+    comma: int,
+    backtrack: int = COMMA_BACKTRACK,
+) -> PromptChunks:
+    """Token ids of weighted fragments -> 77-token chunks, the web UI's rules.
+
+    Args:
+        pieces: per fragment its BPE ids and weight, or None for BREAK (which closes the chunk in progress, even an
+            empty one).
+        bos, eos, pad: the start, end and padding ids (SD 1.x pads with eos, SD 2.x OpenCLIP with 0).
+        comma: the id of ',' ; when a chunk is full and the last comma in it is at most `backtrack` tokens from its
+            end, the tokens after that comma move to the next chunk (0 disables this).
+    """
+    chunks: list[ChunkRow] = []
+    weights: list[tuple[float, ...]] = []
+    tokens: list[int] = []
+    mults: list[float] = []
+    last_comma = -1
+    token_count = 0
+
+    def close(is_last: bool = False) -> None:
+        nonlocal tokens, mults, last_comma, token_count
+        token_count += len(tokens) if is_last else CHUNK_LENGTH
+        padding = CHUNK_LENGTH - len(tokens)
+        chunks.append((bos, *tokens, eos, *[pad] * padding))
+        weights.append((1.0, *mults, 1.0, *[1.0] * padding))
+        tokens, mults, last_comma = [], [], -1
+
+    for piece in pieces:
+        if piece is None:
+            close()
+            continue
+        ids, weight = piece
+        for token in ids:
+            if token == comma:
+                last_comma = len(tokens)
+            elif backtrack and len(tokens) == CHUNK_LENGTH and last_comma != -1 and len(tokens) - last_comma <= backtrack:
+                # a full chunk with a comma near its end: the words after the comma start the next chunk
+                cut = last_comma + 1
+                moved, moved_mults = tokens[cut:], mults[cut:]
+                tokens, mults = tokens[:cut], mults[:cut]
+                close()
+                tokens, mults = moved, moved_mults
+            if len(tokens) == CHUNK_LENGTH:
+                close()
+            tokens.append(token)
+            mults.append(weight)
+    if tokens or not chunks:
+        close(is_last=True)
+    return PromptChunks(tuple(chunks), tuple(weights), token_count)
+
+
+# The web UI's "Emphasis" setting: "Original" (its default) weights and restores the mean, "No norm" only weights,
+# "Ignore" parses the syntax but applies no weights, "None" does not parse it at all (microbatch.prompts's concern).
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+
+
+def check_emphasis(emphasis: Any) -> str:
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {emphasis!r}")
+    return emphasis
+
+
+def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, emphasis: str = "Original") -> torch.Tensor:
+    """The web UI's emphasis on one chunk position of a batch.
+
+    z [N, 77, C] hidden states of the chunks encoded together, multipliers [N, 77]. "Original": z is multiplied by
+    each token's weight, then rescaled so that its mean over the whole [N, 77, C] tensor equals the mean before
+    weighting; "No norm": only multiplied; "Ignore" / "None": z unchanged. All-1.0 weights return z itself
+    (bit-identical to no emphasis). Computed in float32, returned in z's dtype.
+    """
+    if check_emphasis(emphasis) in ("Ignore", "None") or bool((multipliers == 1.0).all()):
+        return z
+    zf = z.float()
+    original_mean = zf.mean()
+    zf = zf * multipliers.to(device=z.device, dtype=torch.float32).unsqueeze(-1)
+    if emphasis == "Original":
+        zf = zf * (original_mean / zf.mean())
+    return zf.to(z.dtype)
+
+
+def check_clip_skip(clip_skip: Any, layers: int) -> int:
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip must be an int from 1 (no skip) to {layers} (the text encoder's layers), got {clip_skip!r}")
+    return clip_skip
+
+
+class LongPromptEncoder:
+    """Mixin for the CLIP text encoders: prompts of any length, weights and BREAK, as the web UI encodes them.
+
+    A subclass provides `tokenizer` (CLIPTokenizer), `pad_id` and `encode_chunk_tokens(tokens [N, 77], clip_skip)`.
+    """
+
+    tokenizer: Any
+    pad_id: int
+
+    def encode_chunk_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def comma_id(self) -> int:
+        return self.tokenizer.encode(",")[0]
+
+    def empty_chunk(self) -> ChunkRow:
+        """The chunk of the empty prompt: bos, eos, padding. Shorter prompts of a batch are padded with it."""
+        return split_into_chunks([], self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.pad_id, self.comma_id).tokens[0]
+
+    def tokenize_weighted(self, fragments: Sequence[Sequence[Any]], backtrack: int = COMMA_BACKTRACK) -> PromptChunks:
+        """[(text, weight), ...] (microbatch.prompts.parse_prompt_attention's output, ("BREAK", -1) included) ->
+        the prompt's 77-token chunks. Each fragment is tokenized on its own, as in the web UI."""
+        pieces: list[Optional[tuple[list[int], float]]] = []
+        for fragment in fragments:
+            text, weight = fragment
+            if text == BREAK[0] and weight == BREAK[1]:
+                pieces.append(None)
+            else:
+                pieces.append((self.tokenizer.encode(text), float(weight)))
+        tok = self.tokenizer
+        return split_into_chunks(pieces, tok.bos_token_id, tok.eos_token_id, self.pad_id, self.comma_id, backtrack)
+
+    def encode_chunk_rows(self, rows: Iterable[ChunkRow], clip_skip: int = 1, batch_size: int = 16) -> dict[ChunkRow, torch.Tensor]:
+        """Distinct chunks -> {chunk: hidden states [77, C]}, each encoded once, `batch_size` chunks per call."""
+        distinct = list(dict.fromkeys(rows))
+        encoded: dict[ChunkRow, torch.Tensor] = {}
+        for start in range(0, len(distinct), batch_size):
+            part = distinct[start : start + batch_size]
+            tokens = torch.tensor(part, dtype=torch.long, device=self.device)
+            for row, z in zip(part, self.encode_chunk_tokens(tokens, clip_skip)):
+                encoded[row] = z
+        return encoded
+
+    def assemble(self, group: Sequence[PromptChunks], encoded: Mapping[ChunkRow, torch.Tensor], emphasis: str = "Original") -> torch.Tensor:
+        """Prompts encoded together (one web UI forward call) -> [n, 77 k, C], k the group's largest chunk count.
+
+        Prompts with fewer chunks are padded with the empty-prompt chunk; emphasis is applied per chunk position
+        with the mean taken over the whole group at that position, as the web UI does. `encoded` holds every chunk
+        of the group (and the empty chunk when padding is needed), from `encode_chunk_rows`. `emphasis`: one of
+        EMPHASIS_MODES (see apply_emphasis).
+        """
+        check_emphasis(emphasis)
+        if not group:
+            raise ValueError("assemble needs at least one prompt")
+        count = max(len(p.tokens) for p in group)
+        empty = self.empty_chunk() if any(len(p.tokens) < count for p in group) else None
+        parts = []
+        for i in range(count):
+            rows = [p.tokens[i] if i < len(p.tokens) else empty for p in group]
+            ones = (1.0,) * len(rows[0])
+            mults = torch.tensor([p.multipliers[i] if i < len(p.tokens) else ones for p in group], dtype=torch.float32)
+            parts.append(apply_emphasis(torch.stack([encoded[row] for row in rows]), mults, emphasis))
+        return parts[0] if count == 1 else torch.cat(parts, dim=1)
+
+    def encode_weighted(self, prompts: Sequence[Sequence[Sequence[Any]]], clip_skip: int = 1, emphasis: str = "Original") -> torch.Tensor:
+        """Batch of weighted prompts (each a list of (text, weight) fragments) -> context [B, 77 k, C], encoded
+        together as the web UI encodes one batch: chunks, empty-chunk padding, emphasis over the batch."""
+        check_emphasis(emphasis)
+        group = [self.tokenize_weighted(fragments) for fragments in prompts]
+        rows = [row for p in group for row in p.tokens]
+        if any(len(p.tokens) < max(len(q.tokens) for q in group) for p in group):
+            rows.append(self.empty_chunk())
+        return self.assemble(group, self.encode_chunk_rows(rows, clip_skip), emphasis)
 
 
 class CLIPTextHolder(nn.Module):
@@ -69,10 +268,14 @@ def build_clip_text_model(text_config: Optional[Mapping[str, Any]]) -> nn.Module
     return model if hasattr(model, "text_model") else CLIPTextHolder(model)
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
+class FrozenCLIPEmbedder(LongPromptEncoder, AbstractEncoder):
     """CLIP text transformer: list of B prompts -> context [B, max_length, hidden_size] (last hidden state, after
     the final LayerNorm). `version` and `device` of the published yaml are accepted and ignored: no hub download,
-    and the device is decided when the model is moved."""
+    and the device is decided when the model is moved.
+
+    `forward` encodes prompts literally and cuts them at `max_length` (the original behaviour); `encode_weighted`
+    (from LongPromptEncoder) takes prompts of any length with weights, and clip skip.
+    """
 
     LAYERS = ("last", "pooled", "hidden")
 
@@ -108,11 +311,27 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def device(self) -> torch.device:
         return self.transformer.get_input_embeddings().weight.device
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
     def tokenize(self, text: list[str]) -> torch.Tensor:
         return self.tokenizer(list(text), max_length=self.max_length).input_ids
 
     def forward(self, text: list[str]) -> torch.Tensor:
         tokens = self.tokenize(text).to(self.device)
+        return self.encode_chunk_tokens(tokens)
+
+    def encode_chunk_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """tokens [N, L] -> [N, L, C] per `layer`. clip_skip N > 1 (layer "last" only): the final LayerNorm applied
+        to the N-th hidden state from the end, as the web UI's "Clip skip"; 1 is the last hidden state itself."""
+        text_model = self.transformer.text_model
+        check_clip_skip(clip_skip, len(text_model.encoder.layers))
+        if clip_skip != 1:
+            if self.layer != "last":
+                raise ValueError(f"clip_skip {clip_skip!r} needs the text encoder's layer 'last', this one uses {self.layer!r}")
+            outputs = self.transformer(input_ids=tokens, output_hidden_states=True)
+            return text_model.final_layer_norm(outputs.hidden_states[-clip_skip])
         outputs = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
             return outputs.last_hidden_state
@@ -231,7 +450,7 @@ class OpenCLIPTextTower(nn.Module):
         return self.ln_final(x)
 
 
-class FrozenOpenCLIPEmbedder(AbstractEncoder):
+class FrozenOpenCLIPEmbedder(LongPromptEncoder, AbstractEncoder):
     """SD 2.x text encoder: OpenCLIP ViT-H/14's text tower, list of B prompts -> context [B, 77, 1024].
 
     layer="penultimate" (the SD 2.x configs) stops before the last residual block and applies ln_final; "last"
@@ -240,9 +459,13 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
     downloaded. `text_config` (CLIPTextConfig field names: hidden_size, intermediate_size, num_hidden_layers,
     num_attention_heads, max_position_embeddings, vocab_size, hidden_act, layer_norm_eps, projection_dim)
     overrides the architecture's fields, for small test models.
+
+    `encode_weighted` (from LongPromptEncoder) takes prompts of any length with weights. Clip skip has no effect
+    here: the layer is fixed by the config, as in the web UI (which ignores its clip skip setting for OpenCLIP).
     """
 
     LAYERS = ("last", "penultimate")
+    pad_id = 0  # OpenCLIP pads with 0 after eos
 
     def __init__(
         self,
@@ -292,6 +515,14 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
 
     def forward(self, text: list[str]) -> torch.Tensor:
         tokens = self.tokenize(text).to(self.device)
+        return self.encode_chunk_tokens(tokens)
+
+    def encode_chunk_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """tokens [N, L] -> [N, L, W]. clip_skip is validated, then ignored (logged once per encoder)."""
+        check_clip_skip(clip_skip, len(self.model.transformer.resblocks))
+        if clip_skip != 1 and not getattr(self, "_clip_skip_noted", False):
+            logger.warning("clip skip %d has no effect on the SD 2.x OpenCLIP text encoder (as in the web UI); ignored", clip_skip)
+            self._clip_skip_noted = True
         return self.model.encode_tokens(tokens, stop_before=self.layer_idx)
 
     def encode(self, text: list[str]) -> torch.Tensor:

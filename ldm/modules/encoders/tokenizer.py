@@ -117,10 +117,17 @@ def _load_vocab(merges_path: str) -> _Vocab:
     return _Vocab(Path(merges_path))
 
 
+# The warning quotes at most this many characters of the dropped text: a 1000-word prompt stays one short line.
+MAX_QUOTED_CHARS = 240
+
+
 def _truncation_message(rows: list[int], count: int, dropped_text: str, max_length: int) -> str:
     """One line of the truncation warning; identical prompts (a repeated batch) share a line."""
     who = f"Prompt {rows[0]} is" if len(rows) == 1 else f"Prompts {', '.join(map(str, rows))} are"
-    return f'{who} longer than {max_length} tokens; dropped {count} tokens: "{dropped_text}"'
+    more = ""
+    if len(dropped_text) > MAX_QUOTED_CHARS:
+        dropped_text, more = dropped_text[:MAX_QUOTED_CHARS] + "...", f" (and {len(dropped_text) - MAX_QUOTED_CHARS} more characters)"
+    return f'{who} longer than {max_length} tokens; dropped {count} tokens: "{dropped_text}"{more}'
 
 
 @dataclass
