@@ -44,5 +44,9 @@ setup(
         "pillow>=9.0",
         "regex",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy"],
+        # Jobs on a Ray cluster: scripts/batch_gen.py --ray ...
+        "ray": ["ray>=2.9"],
+    },
 )

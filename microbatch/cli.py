@@ -152,6 +152,11 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--metrics_json", type=str, default=None, help="also write the run's metrics and settings as JSON here")
     if mode in ("txt2img", "batch_gen"):
         g.add_argument("--resume", action="store_true", help="complete the job in --outdir: skip the images its manifest records intact, make the rest (see 'Many GPUs and machines' in the README)")
+    if mode == "batch_gen":
+        g = p.add_argument_group("Ray (pip install -e \".[ray]\")")
+        g.add_argument("--ray", type=str, default=None, help="run the job on Ray: local (a Ray instance on this machine), auto (the running cluster) or a cluster ADDRESS")
+        g.add_argument("--ray_workers", type=int, default=2, help="with --ray: actors, each loading the model once")
+        g.add_argument("--ray_gpus_per_worker", type=float, default=0.0, help="with --ray: GPUs per actor (0: CPU actors)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="show tracebacks and debug logs")
     return p
@@ -362,6 +367,15 @@ def run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[set
 
 
 def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[set[str]], rank: Rank) -> int:
+    ray_address = getattr(args, "ray", None)
+    if ray_address is not None:
+        from microbatch.ray_runner import import_ray
+
+        import_ray()  # one line naming the install command when Ray is missing
+        if rank.distributed:
+            raise UsageError("--ray runs the job on a Ray cluster: start it with python, not torchrun")
+        if args.ray_workers < 1 or not args.ray_gpus_per_worker >= 0:
+            raise UsageError(f"--ray_workers must be a positive integer and --ray_gpus_per_worker >= 0, got {args.ray_workers} and {args.ray_gpus_per_worker}")
     lead = rank.rank == 0
     note = print if lead else (lambda text: logger.debug("%s: %s", rank.name, text))
     cmd = from_args(args, mode, explicit)
@@ -379,23 +393,31 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
     if not todo:
         note(f"nothing to do: all {len(cmd.request.jobs())} images of the job in {outdir} are done")
         return 0
-    pipeline = load_pipeline(cmd, note)
-    progress = _Progress(quiet=cmd.output.quiet or not lead)
-    stop = _StopOnSignal(pipeline)
-    start = time.perf_counter()
-    with stop:
-        try:
-            report = run_job(pipeline, rank, cmd.request, outdir, todo, callback=progress.event)
-        finally:
-            progress.close()
-    reports = gather(rank, report)
-    if not lead:
-        return 128 + stop.signum if report.interrupted and stop.signum else 0
+    stop = _StopOnSignal()
+    if ray_address is not None:
+        reports, load_s, settings, device = _run_on_ray(args, cmd, outdir, todo, note, stop)
+        wall = max((r.wall_s for r in reports), default=0.0)  # from the first micro-batch, once the actors are loaded
+    else:
+        pipeline = load_pipeline(cmd, note)
+        progress = _Progress(quiet=cmd.output.quiet or not lead)
+        stop.on_stop = pipeline.cancel
+        start = time.perf_counter()
+        with stop:
+            try:
+                report = run_job(pipeline, rank, cmd.request, outdir, todo, callback=progress.event)
+            finally:
+                progress.close()
+        reports = gather(rank, report)
+        if not lead:
+            return 128 + stop.signum if report.interrupted and stop.signum else 0
+        settings = dict(pipeline.last_result.metrics.settings) if pipeline.last_result else {}
+        load_s, device = pipeline.loaded.load_seconds, str(pipeline.device)
+        settings.update(world_size=rank.world_size)
+        wall = time.perf_counter() - start
     items = cmd.request.jobs()
-    settings = dict(pipeline.last_result.metrics.settings) if pipeline.last_result else {}
-    settings.update(images=len(items), world_size=rank.world_size, resumed=len(items) - len(todo))
-    metrics = job_metrics(reports, pipeline.loaded.load_seconds, settings, time.perf_counter() - start)
-    metrics.device = str(pipeline.device)
+    settings.update(images=len(items), resumed=len(items) - len(todo))
+    metrics = job_metrics(reports, load_s, settings, wall)
+    metrics.device = device
     out = cmd.output
     finished = [p for p in (item_path(outdir, item.index) for item in items) if p.is_file()]
     if not out.skip_grid and finished and len(finished) == len(items):
@@ -404,8 +426,9 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
             save_grid(arrays, outdir, grid_columns(out.n_rows, cmd.request.n_samples, len(arrays)))
         else:
             print(f"note: no grid for {len(items)} images (more than {GRID_LIMIT})")
+    signum = stop.signum
     if metrics.interrupted:
-        name = signal.Signals(stop.signum).name if stop.signum else "cancel"
+        name = signal.Signals(signum).name if signum else "cancel"
         print(f"Stopped by {name} after {metrics.images} new images; {len(finished)} of {len(items)} are in {outdir} (--resume completes the job)")
     else:
         print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
@@ -413,8 +436,20 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
     if out.metrics_json:
         metrics.write_json(Path(out.metrics_json))
     if metrics.interrupted:
-        return 128 + (stop.signum or signal.SIGINT)
+        return 128 + (signum or signal.SIGINT)
     return 0
+
+
+def _run_on_ray(args: argparse.Namespace, cmd: CommandLine, outdir: Path, todo: list, note: Any, stop: "_StopOnSignal") -> tuple[list, float, dict, str]:
+    from microbatch.ray_runner import connect, run_ray_job
+
+    connect(args.ray, args.ray_workers)
+    with stop:
+        reports, load_s = run_ray_job(
+            cmd.options, cmd.request, outdir, todo, args.ray_workers, args.ray_gpus_per_worker, lambda: stop.signum is not None, note
+        )
+    settings = {"ray": args.ray, "ray_workers": args.ray_workers, "sampler": cmd.request.sampler, "steps": cmd.request.steps, "seed": cmd.request.seed}
+    return reports, load_s, settings, f"ray ({args.ray_workers} workers)"
 
 
 def execute(pipeline: Pipeline, cmd: CommandLine) -> int:
@@ -460,13 +495,14 @@ def execute(pipeline: Pipeline, cmd: CommandLine) -> int:
 
 
 class _StopOnSignal:
-    """While active, SIGINT and SIGTERM cancel the pipeline's run after the current sampler step (a second SIGINT
-    stops at once). Only the main thread can install handlers; elsewhere this does nothing."""
+    """While active, SIGINT and SIGTERM cancel the run (`pipeline.cancel()`, else `on_stop()`) after the current
+    sampler step (a second SIGINT stops at once). Only the main thread can install handlers; elsewhere this does
+    nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
+    def __init__(self, pipeline: Optional[Pipeline] = None, on_stop: Optional[Any] = None) -> None:
+        self.on_stop = pipeline.cancel if pipeline is not None else (on_stop or (lambda: None))
         self.signum: Optional[int] = None
         self._previous: dict = {}
 
@@ -474,7 +510,7 @@ class _StopOnSignal:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        self.pipeline.cancel()
+        self.on_stop()
         print(f"\n{signal.Signals(signum).name} received: stopping after the current step (Ctrl-C again to stop now)", file=sys.stderr)
 
     def __enter__(self) -> "_StopOnSignal":
