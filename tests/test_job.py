@@ -78,8 +78,8 @@ def test_another_jobs_outdir_is_refused(single, tiny_ckpt, capsys):
     assert "holds another job" in err and "'a cat' there, 'a dog' now" in err and err.count("\n") == 1
 
 
-def _torchrun(tiny_ckpt: Path, outdir: Path, extra: list[str], cwd: Path) -> subprocess.Popen:
-    cmd = [*TORCHRUN, "--nproc_per_node", "2", str(REPO / "scripts" / "batch_gen.py"), "--ckpt", str(tiny_ckpt), *JOB, *extra, "--outdir", str(outdir)]
+def _torchrun(tiny_ckpt: Path, outdir: Path, extra: list[str], cwd: Path, launcher: tuple = ()) -> subprocess.Popen:
+    cmd = [*TORCHRUN, *launcher, "--nproc_per_node", "2", str(REPO / "scripts" / "batch_gen.py"), "--ckpt", str(tiny_ckpt), *JOB, *extra, "--outdir", str(outdir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MICROBATCH_TEST_JOB": str(outdir)}
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
@@ -119,10 +119,13 @@ def _rank_pids(marker: str) -> dict[int, int]:
     return out
 
 
-def test_a_killed_rank_then_resume_gives_every_item_once(single, tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_killed_rank_then_resume_gives_every_item_once(single, tiny_ckpt, tmp_path, restarts):
+    """Without restarts the job fails and a rerun with --resume completes it; with torchrun --max-restarts the
+    restarted ranks resume by themselves."""
     outdir = tmp_path / "killed"
     slow = ["--ddim_steps", "250", "--n_samples", "10"]  # long enough to kill a rank mid-job
-    proc = _torchrun(tiny_ckpt, outdir, slow, tmp_path)
+    proc = _torchrun(tiny_ckpt, outdir, slow, tmp_path, launcher=["--max-restarts", str(restarts)])
     deadline = time.time() + 180
     killed = False
     while time.time() < deadline and proc.poll() is None:
@@ -134,10 +137,12 @@ def test_a_killed_rank_then_resume_gives_every_item_once(single, tiny_ckpt, tmp_
                 break
         time.sleep(0.05)
     code, out = _finish(proc)
-    assert killed and code != 0, out[-3000:]
-    done_before = {line["index"] for line in manifest(outdir)}
-    assert len(done_before) < 10
-    assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", str(outdir), "--resume"]) == 0
+    assert killed, out[-3000:]
+    if restarts:
+        assert code == 0, out[-3000:]
+    else:
+        assert code != 0 and len({line["index"] for line in manifest(outdir)}) < 10, out[-3000:]
+        assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", str(outdir), "--resume"]) == 0
     indices = [line["index"] for line in manifest(outdir)]
     assert sorted(indices) == list(range(10))  # every item exactly once
     assert not list(outdir.rglob(".partial*"))
