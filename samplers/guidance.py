@@ -105,6 +105,9 @@ class GuidedModel:
 
     @property
     def guided(self) -> bool:
+        """Static conditioning: whether uncond is used. A schedule may still give no uncond rows (scale 1)."""
+        if self.schedule is not None:
+            return self.guidance_scale != 1.0
         return self.uncond is not None and self.guidance_scale != 1.0
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ class GuidedModel:
         self.calls += 1
         if self.schedule is not None:
             return self._scheduled(x_t, t, self.schedule(step))
-        if not self.guided:
+        if self.uncond is None or self.guidance_scale == 1.0:
             return self.apply_model(x_t, t, self.cond)
         if self.split:
             out_uncond = self.apply_model(x_t, t, self.uncond)
