@@ -114,6 +114,7 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     )
     g.add_argument("--seed", type=int, default=42, help="seed of image 0; image i uses seed + i")
     g.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
+    g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
 
     g = p.add_argument_group("size and count")
     if not image_mode:
@@ -199,7 +200,7 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         mode=request_mode(mode), prompt=args.prompt, negative_prompt=args.negative_prompt, n_samples=args.n_samples, n_iter=args.n_iter,
         seed=args.seed, fixed_code=args.fixed_code, sampler="plms" if args.plms else (args.sampler or "ddim"), steps=args.ddim_steps,
         schedule=args.schedule, eta=args.ddim_eta, scale=args.scale, max_batch_size=_int_or_auto(args.max_batch_size),
-        max_memory=args.max_memory, split_guidance=args.split_guidance,
+        max_memory=args.max_memory, split_guidance=args.split_guidance, clip_skip=args.clip_skip,
     )
     if mode in ("img2img", "inpaint"):
         fields.update(init_image=args.init_img or None, strength=args.strength)
@@ -236,6 +237,7 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
         )
     if args.from_file:
         raise UsageError("--from_png regenerates one PNG's prompt: it cannot be combined with --from-file")
+    notes.extend(png.notes)
     if png.hires:
         notes.append(f"note: {args.from_png} used hires fix, which is not supported yet: regenerating its first pass only")
     overridden = []

@@ -10,6 +10,11 @@ Randomness: image i draws its start noise and then the noise of stochastic sampl
 second generator of its own (seed + INIT_SEED_OFFSET, mod 2^64), so it does not shift the first one's stream: at
 strength 1 img2img equals txt2img from the same seed, for every sampler. So an image depends only on its seed and
 settings, never on batching or device-side RNG.
+
+Conditioning: prompts are in the web UI's prompt language (`microbatch.prompts`): emphasis, long prompts, BREAK,
+prompt editing and alternation switch an image's context at its scheduled denoiser calls, and `a AND b:0.5` guides
+towards several parts. `samplers.guidance.GuidedModel` runs rows whose contexts differ in length as separate UNet
+calls (never padded), so an image with a long prompt is the same whichever prompts share its micro-batch.
 """
 from __future__ import annotations
 
@@ -23,7 +28,16 @@ import torch
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from microbatch.devices import empty_cache, is_out_of_memory
 from microbatch.vae_tiling import TileSettings, decode_tiled
+from ldm.modules.encoders.modules import LongPromptEncoder
+from microbatch.prompts import (
+    ScheduledPromptConditioning,
+    cond_at,
+    get_learned_conditioning,
+    get_multicond_prompt_list,
+    stack_conds,
+)
 from samplers import Denoiser, GuidedModel, get_sampler, get_sigmas, to_vp
+from samplers.guidance import ConditioningSchedule, StepConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +73,8 @@ class SamplingSettings:
     max_batch_size: int = 1
     split_guidance: bool = False
     strength: Optional[float] = None
+    # 1: the text encoder's last layer; N: the N-th from the end (SD 1.x; no effect on SD 2.x), see microbatch.prompts
+    clip_skip: int = 1
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -66,6 +82,13 @@ class SamplingSettings:
 
     def schedule_name(self) -> str:
         return self.schedule or get_sampler(self.sampler).default_schedule
+
+    @property
+    def prompt_steps(self) -> int:
+        """The steps prompt editing counts (`[a:b:0.5]` switches half-way through them): denoiser calls, as the
+        web UI counts them, so twice `steps` for samplers with two model calls per step (heun, dpm2, dpmpp_2s_a,
+        dpmpp_sde, the web UI's "second order" ones)."""
+        return self.steps * get_sampler(self.sampler).nfe_per_step
 
 
 @dataclass
@@ -128,16 +151,61 @@ class Engine:
     _warned_vae: bool = False
 
     # -- conditioning --
-    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [B, 77, D] for prompts, each distinct prompt encoded once per run.
+    def prompt_schedule(self, text: str, steps: int, clip_skip: int = 1) -> list[ScheduledPromptConditioning]:
+        """One text's conditioning schedule [(end_at_step, cond [77 k, C]), ...] for a run counting `steps` prompt
+        steps (see SamplingSettings.prompt_steps), in the web UI's prompt language; each (text, steps, clip_skip)
+        is encoded once per engine.
 
-        Prompts are encoded one at a time, so an embedding never depends on which other new prompts shared its
-        micro-batch (the text encoder's GEMMs may pick kernels by batch size)."""
-        for p in dict.fromkeys(prompts):
-            if p not in self._cond_cache:
-                with torch.no_grad():
-                    self._cond_cache[p] = self.model.get_learned_conditioning([p])[0]
-        return torch.stack([self._cond_cache[p] for p in prompts])
+        Texts are encoded one at a time, so an embedding never depends on which other texts shared its micro-batch
+        (the text encoder's GEMMs may pick kernels by batch size). A plain text of at most 75 tokens gives exactly
+        `model.get_learned_conditioning([text])[0]`. A model whose text encoder does not speak the prompt language
+        gets that too, for every text."""
+        key = (text, int(steps), int(clip_skip))
+        if key not in self._cond_cache:
+            with torch.no_grad():
+                if isinstance(getattr(self.model, "cond_stage_model", None), LongPromptEncoder):
+                    self._cond_cache[key] = get_learned_conditioning(self.model, [text], steps, clip_skip)[0]
+                else:
+                    if clip_skip != 1:
+                        raise ValueError(f"clip_skip {clip_skip} needs a CLIP text encoder; this model's is {type(self.model.cond_stage_model).__name__}")
+                    self._cond_cache[key] = [ScheduledPromptConditioning(steps, self.model.get_learned_conditioning([text])[0])]
+        return self._cond_cache[key]
+
+    def prompt_parts(self, prompt: str, steps: int, clip_skip: int = 1) -> list[tuple[list[ScheduledPromptConditioning], float]]:
+        """A positive prompt's composable parts (split at AND, each with its `:weight`, default 1), each with its
+        schedule (see prompt_schedule). A prompt without AND or a trailing weight is one part of weight 1."""
+        indexes, texts, _ = get_multicond_prompt_list([prompt])
+        return [(self.prompt_schedule(texts[i], steps, clip_skip), weight) for i, weight in indexes[0]]
+
+    def conditioning(self, prompts: Sequence[str], steps: int = 1, clip_skip: int = 1) -> torch.Tensor:
+        """Encode prompts ahead of a run (cached) and return their conditioning at step 0 [B, 77 k, C] (the first
+        part of each; shorter rows extended as `microbatch.prompts.stack_conds` does)."""
+        return stack_conds([cond_at(self.prompt_parts(p, steps, clip_skip)[0][0], 0) for p in prompts])
+
+    def step_conditioning(self, jobs: Sequence[ImageJob], settings: SamplingSettings) -> ConditioningSchedule:
+        """The micro-batch's ConditioningSchedule: at denoiser call k, each image's prompt parts and its negative
+        prompt at prompt step k. Negative prompts are encoded only when guidance (or a composable prompt) uses
+        them."""
+        steps, clip_skip = settings.prompt_steps, settings.clip_skip
+        parts = [self.prompt_parts(j.prompt, steps, clip_skip) for j in jobs]
+        composable = any(len(p) != 1 or p[0][1] != 1.0 for p in parts)
+        negatives = None
+        if settings.guidance_scale != 1.0 or composable:
+            negatives = [self.prompt_schedule(j.negative_prompt, steps, clip_skip) for j in jobs]
+
+        def at(step: int) -> StepConditioning:
+            rows: list[torch.Tensor] = []
+            image_parts = []
+            for image in parts:
+                mine = []
+                for schedule, weight in image:
+                    mine.append((len(rows), weight))
+                    rows.append(cond_at(schedule, step))
+                image_parts.append(mine)
+            uncond = None if negatives is None else [cond_at(n, step) for n in negatives]
+            return StepConditioning(rows, image_parts, uncond)
+
+        return at
 
     # -- decoding --
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -185,13 +253,15 @@ class Engine:
             if tuple(init_latent.shape[1:]) != settings.latent_shape:
                 raise AssertionError(f"init latent {tuple(init_latent.shape)} does not match {settings.latent_shape}")
 
-        cond = self.conditioning([j.prompt for j in jobs])
-        uncond = self.conditioning([j.negative_prompt for j in jobs]) if settings.guidance_scale != 1.0 else None
+        apply_model = self.model.apply_model
         if self.concat_latents is not None:
-            concat = [self.concat_latents.expand(len(jobs), *self.concat_latents.shape[1:]).to(self.device)]
-            cond = {"c_concat": concat, "c_crossattn": [cond]}
-            uncond = None if uncond is None else {"c_concat": concat, "c_crossattn": [uncond]}
-        guided = GuidedModel(self.model.apply_model, cond, uncond, settings.guidance_scale, split=settings.split_guidance)
+            concat = self.concat_latents.to(self.device)
+
+            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = self.model.apply_model) -> torch.Tensor:
+                return _apply(x_t, t, {"c_concat": [concat.expand(x_t.shape[0], *concat.shape[1:])], "c_crossattn": [context]})
+
+        schedule = self.step_conditioning(jobs, settings)
+        guided = GuidedModel(apply_model, schedule, None, settings.guidance_scale, split=settings.split_guidance)
         denoiser = Denoiser(guided, self.model.alphas_cumprod, self.model.parameterization)
         if self.keep_mask is not None:
             if init_latent is None:

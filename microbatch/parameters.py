@@ -13,8 +13,11 @@ from typing import Any, Optional, Union
 
 from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.request import UsageError, check_image_file
+from samplers import SAMPLERS
 
-_FIELD = re.compile(r"\s*([A-Za-z][A-Za-z ]*):\s*([^,]*)")
+# `Key: value` on the settings line; a value may be quoted ("...", with \" inside) to hold commas and colons, as
+# the web UI writes `Lora hashes: "a: 123, b: 456"`.
+_FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def png_parameters(
@@ -34,6 +37,8 @@ def png_parameters(
         fields.append(f"VAE hash: {vae_hash}")
     if vae_name is not None:
         fields.append(f"VAE: {vae_name}")
+    if settings.clip_skip > 1:
+        fields.append(f"Clip skip: {settings.clip_skip}")
     fields += [f"Eta: {settings.eta:g}", f"Precision: {precision}"]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
@@ -44,8 +49,15 @@ def png_parameters(
     return "\n".join(lines)
 
 
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
 def _settings_fields(line: str) -> dict[str, str]:
-    return {m.group(1).strip(): m.group(2).strip() for m in _FIELD.finditer(line)}
+    return {m.group(1).strip(): _unquote(m.group(2)) for m in _FIELD.finditer(line)}
 
 
 def parse_png_parameters(text: str) -> dict[str, str]:
@@ -72,8 +84,62 @@ def parse_png_parameters(text: str) -> dict[str, str]:
 FLAG_OF = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "seed": "seed", "width": "W",
     "height": "H", "scale": "scale", "eta": "ddim_eta", "sampler": "sampler", "schedule": "schedule",
-    "strength": "strength", "precision": "precision",
+    "strength": "strength", "precision": "precision", "clip_skip": "clip_skip",
 }
+
+# The AUTOMATIC1111 web UI's sampler names -> (ours, what its schedule "Automatic" means for it). Since its 1.9 the
+# schedule is a separate `Schedule type`; before, a name could end in " Karras" / " Exponential" and a name without
+# one used k-diffusion's default grid, uniform in t (our closest: linspace), or the DDIM grid for DDIM, PLMS and UniPC.
+WEBUI_SAMPLERS: dict[str, tuple[str, str]] = {
+    "Euler a": ("euler_a", "linspace"),
+    "Euler": ("euler", "linspace"),
+    "LMS": ("lms", "linspace"),
+    "Heun": ("heun", "linspace"),
+    "DPM2": ("dpm2", "karras"),
+    "DPM++ 2M": ("dpmpp_2m", "karras"),
+    "DPM++ SDE": ("dpmpp_sde", "karras"),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", "exponential"),
+    "DPM++ 2S a": ("dpmpp_2s_a", "karras"),
+    "DPM++ 3M SDE": ("dpmpp_3m_sde", "exponential"),
+    "DDIM": ("ddim", "uniform"),
+    "PLMS": ("plms", "uniform"),
+    "UniPC": ("unipc", "uniform"),
+    "DDPM": ("ddpm", "karras"),
+}
+_TIMESTEP_SAMPLERS = ("DDIM", "PLMS", "UniPC")
+# The web UI's `Schedule type` labels we have; others are noted and replaced by the sampler's "Automatic".
+WEBUI_SCHEDULES: dict[str, str] = {"Uniform": "linspace", "Karras": "karras", "Exponential": "exponential"}
+_NAME_SUFFIXES = ("Karras", "Exponential")  # old combined names, "DPM++ 2M Karras"
+
+# Keys this program reads (or knowingly ignores: names, hashes and versions that do not change the pixels).
+KNOWN_KEYS = frozenset({
+    "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
+    "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version",
+})
+
+
+def webui_sampler(name: str, schedule_type: Optional[str] = None) -> tuple[str, Optional[str], list[str]]:
+    """A PNG's `Sampler` (and `Schedule type`) -> (our sampler name, schedule or None for the sampler's own, notes).
+
+    Our own names pass through. A web UI name is mapped by WEBUI_SAMPLERS; one we do not have is returned as
+    written (the request then rejects it, naming the nearest sampler, unless --sampler is given).
+    """
+    if name in SAMPLERS:
+        return name, None, []
+    base, label = name, schedule_type
+    for suffix in _NAME_SUFFIXES:
+        if name.endswith(" " + suffix):
+            base, label = name[: -len(suffix) - 1], suffix
+    if base not in WEBUI_SAMPLERS:
+        return name, None, []
+    ours, automatic = WEBUI_SAMPLERS[base]
+    if label is None:  # before the web UI's 1.9: the name alone says it
+        return ours, "uniform" if base in _TIMESTEP_SAMPLERS else "linspace", []
+    if label == "Automatic":
+        return ours, automatic, []
+    if label in WEBUI_SCHEDULES:
+        return ours, WEBUI_SCHEDULES[label], []
+    return ours, automatic, [f"schedule type {label!r} is not available here: using {automatic} (the web UI's Automatic for {base})"]
 
 
 @dataclass
@@ -85,6 +151,7 @@ class PngSettings:
     model_hash: Optional[str] = None
     made_by: str = "txt2img"  # "img2img" when the text has a Denoising strength (and no hires fix)
     hires: bool = False
+    notes: list[str] = field(default_factory=list)  # for the user: settings not used, schedules replaced
 
 
 def read_png_settings(path: Union[str, Path]) -> PngSettings:
@@ -96,7 +163,13 @@ def read_png_settings(path: Union[str, Path]) -> PngSettings:
         text = im.info.get("parameters")
     if not text:
         raise UsageError(f"{path} has no `parameters` text chunk to regenerate from")
-    out = PngSettings(str(path))
+    return png_settings_from_text(text, str(path))
+
+
+def png_settings_from_text(text: str, source: str = "the parameters text") -> PngSettings:
+    """The request fields a `parameters` text (ours or the web UI's) sets; keys not used are listed in one note.
+    `source` names the text in messages. One-line UsageError when it cannot be read."""
+    out = PngSettings(source)
     try:
         f = parse_png_parameters(text)
         values: dict[str, Any] = {"prompt": f["prompt"], "negative_prompt": f["negative_prompt"], "steps": int(f["Steps"]), "seed": int(f["Seed"])}
@@ -104,14 +177,20 @@ def read_png_settings(path: Union[str, Path]) -> PngSettings:
             values["width"], values["height"] = (int(v) for v in f["Size"].split("x"))
         if "CFG scale" in f:
             values["scale"] = float(f["CFG scale"])
-        values["eta"] = float(f["Eta"]) if "Eta" in f else None
         if "Denoising strength" in f:
             values["strength"] = float(f["Denoising strength"])
+        if "Clip skip" in f:
+            values["clip_skip"] = int(f["Clip skip"])
+        sampler, schedule, notes = webui_sampler(f.get("Sampler", "ddim"), f.get("Schedule type"))
+        eta = f.get("Eta DDIM") if sampler == "ddim" and "Eta DDIM" in f else f.get("Eta")
+        values["eta"] = float(eta) if eta is not None else None
     except (KeyError, ValueError) as e:
-        raise UsageError(f"{path}: cannot read its parameters ({e})") from None
-    values["sampler"] = f.get("Sampler", "ddim").lower()
+        raise UsageError(f"{source}: cannot read its parameters ({e})") from None
+    values["sampler"] = sampler
     if "Schedule" in f:
         values["schedule"] = f["Schedule"]
+    elif schedule is not None:
+        values["schedule"] = schedule
     if f.get("Precision") in ("full", "autocast"):
         values["precision"] = f["Precision"]
     out.fields = values
@@ -119,4 +198,8 @@ def read_png_settings(path: Union[str, Path]) -> PngSettings:
     out.hires = any(key.startswith("Hires") for key in f)
     if "strength" in values and not out.hires:
         out.made_by = "img2img"
+    unused = [f"{key}: {value}" for key, value in f.items() if key not in KNOWN_KEYS and key not in ("prompt", "negative_prompt") and not key.startswith("Hires")]
+    if unused:
+        notes.append(f"settings not used here: {'; '.join(unused)}")
+    out.notes = [f"note: {source}: {text}" for text in notes]
     return out

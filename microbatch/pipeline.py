@@ -257,6 +257,7 @@ class Pipeline:
             height = round_size(request.height or native, multiple, "H", notes)
             width = round_size(request.width or native, multiple, "W", notes)
         scale = request.scale if request.scale is not None else self.default_scale(request.mode)
+        self.check_clip_skip(request.clip_skip)
         jobs = request.jobs() if jobs is None else list(jobs)
         settings = request.settings(height, width, scale, 1, channels=self.model.channels, factor=self.vae_factor)
         settings.max_batch_size = micro_batch_size(request, self.device, settings)
@@ -270,6 +271,12 @@ class Pipeline:
             else:
                 notes.append(f"{request.mode}: --strength {request.strength:g} re-runs {steps} of {request.steps} steps")
         return Plan(jobs, settings, steps, notes)
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """A one-line UsageError when clip_skip exceeds the text encoder's layers."""
+        layers = getattr(getattr(self.model, "cond_stage_model", None), "num_layers", None)
+        if layers is not None and clip_skip > layers:
+            raise UsageError(f"--clip_skip {clip_skip} exceeds the {layers} layers of this model's text encoder")
 
     def auto_batch_size(self, engine: Engine, plan: Plan, request: GenerationRequest) -> int:
         """max_batch_size "auto": measure the memory model on the real engine and return the largest micro-batch
@@ -404,7 +411,7 @@ class Pipeline:
             "scale": s.guidance_scale, "height": s.height, "width": s.width, "n_samples": request.n_samples,
             "n_iter": request.n_iter, "images": len(plan.jobs), "max_batch_size": s.max_batch_size,
             "precision": self.options.precision, "dtypes": self.loaded.dtypes.describe(), "attention": attention,
-            "seed": request.seed, "strength": s.strength,
+            "seed": request.seed, "strength": s.strength, "clip_skip": s.clip_skip,
             "checkpoint": str(self.loaded.ckpt) if self.loaded.ckpt else None, "config": str(self.loaded.config_path),
         }
 
@@ -444,8 +451,9 @@ class Pipeline:
         **request_fields: Any,
     ) -> list[Any]:
         """n images of `prompt` (image i uses seed + i) as PIL images with info["parameters"]. scale None: the
-        model's default; width / height None: its native size. Other keyword arguments are GenerationRequest
-        fields (n_iter, fixed_code, split_guidance, max_memory, vae_tiling...)."""
+        model's default; width / height None: its native size. Prompts use the web UI's prompt language (README,
+        "Prompt syntax"). Other keyword arguments are GenerationRequest fields (clip_skip, n_iter, fixed_code,
+        split_guidance, max_memory, vae_tiling...)."""
         request = GenerationRequest(
             mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, n_samples=n, steps=steps, sampler=sampler,
             schedule=schedule, scale=scale, seed=seed, width=width, height=height, eta=eta, max_batch_size=max_batch_size,

@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ldm.modules.encoders.modules import EMPHASIS_MODES, LongPromptEncoder, check_emphasis
+from samplers.guidance import combine_parts
 
 __all__ = [
     "EMPHASIS_MODES",
@@ -34,6 +35,7 @@ __all__ = [
     "MulticondLearnedConditioning",
     "ScheduledPromptConditioning",
     "combine_denoised",
+    "cond_at",
     "get_learned_conditioning",
     "get_learned_conditioning_prompt_schedules",
     "get_multicond_learned_conditioning",
@@ -431,6 +433,12 @@ def stack_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([c if c.shape[0] == length else torch.cat([c, c[-1:].expand(length - c.shape[0], -1)]) for c in conds])
 
 
+def cond_at(schedule: Sequence[ScheduledPromptConditioning], step: int) -> torch.Tensor:
+    """One prompt's cond [77 k, C] at 0-based denoiser call `step`: its first entry with step <= end_at_step, or its
+    first entry when none is (the web UI's fallback, reached only by calls beyond the counted steps)."""
+    return _entry_at(schedule, step).cond
+
+
 def _entry_at(schedule: Sequence[ScheduledPromptConditioning], step: int) -> ScheduledPromptConditioning:
     for entry in schedule:
         if step <= entry.end_at_step:
@@ -548,9 +556,6 @@ def reconstruct_multicond_batch(c: MulticondLearnedConditioning, current_step: i
 def combine_denoised(out_cond: torch.Tensor, conds_list: Sequence[Sequence[tuple[int, float]]], out_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Composable guidance: out_uncond[i] + sum over image i's parts of weight * guidance_scale * (out_cond[row] -
     out_uncond[i]). out_cond [R, ...] (rows as from reconstruct_multicond_batch), out_uncond [B, ...]. One part of
-    weight 1 per image is ordinary classifier-free guidance."""
-    denoised = out_uncond.clone()
-    for i, parts in enumerate(conds_list):
-        for row, weight in parts:
-            denoised[i] += (out_cond[row] - out_uncond[i]) * (weight * guidance_scale)
-    return denoised
+    weight 1 per image is ordinary classifier-free guidance. (The formula lives in samplers.guidance, the one
+    wrapper that owns guidance.)"""
+    return combine_parts(out_cond, conds_list, out_uncond, guidance_scale)

@@ -92,6 +92,10 @@ class GenerationRequest:
     default, `schedule` None the sampler's own schedule and `strength` None the mode's, here. `max_batch_size` None lets the pipeline choose (see
     `Pipeline.plan`); "auto" picks the largest micro-batch that fits the memory budget (`max_memory` GB or the
     device's free memory).
+
+    Prompts are in the web UI's prompt language (README, "Prompt syntax"). `clip_skip` N > 1 conditions on the text
+    encoder's N-th layer from the end (SD 1.x; no effect on SD 2.x); its upper bound, the encoder's layer count, is
+    checked by `Pipeline.plan`.
     """
 
     mode: Mode = "txt2img"
@@ -116,6 +120,7 @@ class GenerationRequest:
     max_memory: Optional[float] = None
     split_guidance: bool = False
     vae_tiling: TileSettings = field(default_factory=TileSettings)
+    clip_skip: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -142,6 +147,8 @@ class GenerationRequest:
         if self.eta < 0:
             raise UsageError(f"--ddim_eta must be a finite number >= 0, got {self.eta}")
         _finite("scale", self.scale)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise UsageError(f"--clip_skip must be a positive integer (1 = the text encoder's last layer), got {self.clip_skip!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -209,7 +216,7 @@ class GenerationRequest:
         return SamplingSettings(
             sampler=self.sampler, steps=self.steps, schedule=self.schedule, eta=float(self.eta), guidance_scale=float(scale),
             height=height, width=width, channels=channels, factor=factor, max_batch_size=max_batch_size,
-            split_guidance=self.split_guidance, strength=self.strength,
+            split_guidance=self.split_guidance, strength=self.strength, clip_skip=self.clip_skip,
         )
 
     def with_changes(self, **changes: Any) -> "GenerationRequest":

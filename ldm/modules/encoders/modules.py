@@ -312,6 +312,11 @@ class FrozenCLIPEmbedder(LongPromptEncoder, AbstractEncoder):
         return self.transformer.get_input_embeddings().weight.device
 
     @property
+    def num_layers(self) -> int:
+        """Transformer layers: the largest clip skip."""
+        return len(self.transformer.text_model.encoder.layers)
+
+    @property
     def pad_id(self) -> int:
         return self.tokenizer.eos_token_id
 
@@ -508,6 +513,11 @@ class FrozenOpenCLIPEmbedder(LongPromptEncoder, AbstractEncoder):
     @property
     def device(self) -> torch.device:
         return self.model.token_embedding.weight.device
+
+    @property
+    def num_layers(self) -> int:
+        """Residual blocks: the largest clip skip accepted (and ignored)."""
+        return len(self.model.transformer.resblocks)
 
     def tokenize(self, text: list[str]) -> torch.Tensor:
         """[B, max_length] ids: bos, BPE ids, eos, zero padding."""
