@@ -23,6 +23,7 @@ setup(
         "microbatch",
         "microbatch.configs",
         "microbatch.demo",
+        "microbatch.server",
     ],
     # The yaml configs live in the top-level configs/ folder (the original layout); they are also
     # installed as package data so that a non-editable install finds them.
@@ -44,5 +45,10 @@ setup(
         "pillow>=9.0",
         "regex",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy"]},
+    extras_require={
+        # httpx: FastAPI's TestClient (tests/test_server.py), which also needs the serve extra.
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy", "httpx>=0.24,<1"],
+        # scripts/serve.py: the web UI's HTTP API.
+        "serve": ["fastapi>=0.100,<1", "uvicorn>=0.23,<1"],
+    },
 )
