@@ -93,11 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_batch_size = _int_or_auto(args.max_batch_size)
         if max_batch_size is not None and max_batch_size != "auto" and max_batch_size < 1:
             raise UsageError(f"--max_batch_size must be a positive integer or auto, got {max_batch_size}")
-        check_port_free(args.host, args.port)
         options = ModelOptions(
             ckpt=args.ckpt, config=args.config, vae=args.vae, device=args.device, precision=args.precision, attention=args.attention,
             offload=args.offload,
         )
+        check_port_free(args.host, args.port)  # before the model loads: a busy port fails in a second, not a minute
         pipeline = Pipeline.load(options, on_note=print)
         app = create_app(pipeline, limits, max_batch_size)
     except KeyboardInterrupt:

@@ -120,10 +120,19 @@ class Worker:
                 self._current = control
             control.started = time.time()
             control.timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime(control.started))
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(task(control))
-                except BaseException as e:  # noqa: BLE001 - handed to the waiting request, which answers it
-                    future.set_exception(e)
-            with self._lock:
+            if not future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._current = None
+                continue
+            result: Any = None
+            error: Optional[BaseException] = None
+            try:
+                result = task(control)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting request, which answers it
+                error = e
+            with self._lock:  # idle before the answer goes out: a client polling /progress then sees it done
                 self._current = None
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
