@@ -23,6 +23,7 @@ setup(
         "microbatch",
         "microbatch.configs",
         "microbatch.demo",
+        "microbatch.server",
     ],
     # The yaml configs live in the top-level configs/ folder (the original layout); they are also
     # installed as package data so that a non-editable install finds them.
@@ -45,8 +46,12 @@ setup(
         "regex",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy"],
+        # httpx: FastAPI's TestClient (tests/test_server.py, which also needs the serve extra); peft: diffusers'
+        # LoRA loading, the reference of tests/test_lora.py.
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy", "httpx>=0.24,<1", "peft"],
         # Jobs on a Ray cluster: scripts/batch_gen.py --ray ...
         "ray": ["ray>=2.9"],
+        # scripts/serve.py: the web UI's HTTP API.
+        "serve": ["fastapi>=0.100,<1", "uvicorn>=0.23,<1"],
     },
 )

@@ -1,0 +1,229 @@
+"""The HTTP application: the AUTOMATIC1111 web UI's `/sdapi/v1` API over one loaded `Pipeline`.
+
+    app = create_app(Pipeline.from_checkpoint(...), ServerLimits(max_steps=100))   # an ASGI app (FastAPI)
+
+Tests drive it in-process with FastAPI's TestClient; `scripts/serve.py` runs it with uvicorn. Generation requests
+queue first come, first served on one worker thread (`microbatch.server.worker`); everything else answers at once,
+also while an image is being made. Bad input is HTTP 422 with a one-line `detail` (a body over the size limit 413,
+a full queue 503 with Retry-After); the OpenAPI page is at /docs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from microbatch.pipeline import Pipeline
+from microbatch.request import UsageError
+from microbatch.server.payloads import Img2ImgRequest, OptionsUpdate, PngInfoRequest, Txt2ImgRequest
+from microbatch.server.service import VERSION, ServerLimits, Service
+from microbatch.server.webui import api_message, samplers_list, schedulers_list
+from microbatch.server.worker import QueueFull, ShuttingDown, Worker
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 10  # what a client told "queue full" should wait before trying again
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GenerationFailed(Exception):
+    """An unexpected failure while making images (answered with HTTP 500 and one line; logged with its traceback)."""
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` (by its Content-Length or as it streams in) is answered
+    with HTTP 413 before it is parsed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        response = JSONResponse({"error": "BodyTooLarge", "detail": f"request body over this server's limit of {self.max_bytes} bytes (--max_body_bytes)"}, status_code=413)
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _error(status: int, kind: str, detail: str, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": " ".join(detail.split())}, status_code=status, headers=headers)
+
+
+def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_batch_size: Any = None) -> FastAPI:
+    """The web UI API over `pipeline`. `limits`: what one request may ask for (default `ServerLimits()`);
+    `max_batch_size`: images per UNet micro-batch within a request (an int, "auto", or None for the pipeline's
+    default). The worker thread starts here and stops (after the queued requests) when the app shuts down."""
+    limits = limits or ServerLimits()
+    service = Service(pipeline, limits, max_batch_size)
+    worker = Worker(pipeline, limits.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(worker.close)
+
+    app = FastAPI(title="microbatch-diffusion", version=VERSION, description=__doc__, lifespan=lifespan)
+    app.state.service = service
+    app.state.worker = worker
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return _error(422, "ValidationError", "; ".join(parts))
+
+    @app.exception_handler(UsageError)
+    async def _usage(request: Request, e: UsageError) -> JSONResponse:
+        return _error(422, "UsageError", api_message(str(e)))
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, e: QueueFull) -> JSONResponse:
+        return _error(503, "QueueFull", f"server busy: {e}; try again later", {"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(ShuttingDown)
+    async def _stopping(request: Request, e: ShuttingDown) -> JSONResponse:
+        return _error(503, "ShuttingDown", str(e), {"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(GenerationFailed)
+    async def _failed(request: Request, e: GenerationFailed) -> JSONResponse:
+        return _error(500, "GenerationFailed", str(e))
+
+    async def generate(payload: Txt2ImgRequest, mode: str) -> dict[str, Any]:
+        built = await run_in_threadpool(service.build, payload, mode)
+        future = worker.submit(lambda control: service.run(built, control), built.job, built.request.n_iter)
+        try:
+            return await asyncio.wrap_future(future)
+        except (UsageError, ValueError) as e:  # found only when the model is at hand (an unreadable image...)
+            raise UsageError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - one line to the client, the traceback to the log
+            logger.exception("%s request failed", mode)
+            raise GenerationFailed(f"{type(e).__name__}: {e}") from None
+
+    @app.post("/sdapi/v1/txt2img", tags=["sdapi"])
+    async def txt2img(payload: Txt2ImgRequest) -> dict[str, Any]:
+        """Text to image; answers images (base64 PNGs with their parameters chunk), parameters and info."""
+        return await generate(payload, "txt2img")
+
+    @app.post("/sdapi/v1/img2img", tags=["sdapi"])
+    async def img2img(payload: Img2ImgRequest) -> dict[str, Any]:
+        """Image to image from init_images[0]; with mask, inpainting (white = repaint)."""
+        return await generate(payload, "img2img")
+
+    @app.get("/sdapi/v1/progress", tags=["sdapi"])
+    async def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        """The running request's progress (0..1), its estimated seconds left and the web UI's state fields."""
+        control = worker.current()
+        waiting = worker.waiting
+        snap = pipeline.progress()
+        state = {
+            "skipped": bool(control and control.skipped), "interrupted": bool(control and control.interrupted),
+            "stopping_generation": False, "job": control.job if control else "", "job_count": control.batches if control else 0,
+            "job_timestamp": control.timestamp if control else "0", "job_no": control.batch_no if control else 0,
+            "sampling_step": snap.step if control else 0, "sampling_steps": snap.steps_total if control else 0, "queued": waiting,
+        }
+        textinfo = f"{waiting} waiting" if waiting else None
+        if control is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": textinfo}
+        fraction = (control.batch_no + (snap.fraction if snap.state == "running" else 0.0)) / max(1, control.batches)
+        elapsed = max(0.0, time.time() - control.started)
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
+        return {"progress": min(1.0, fraction), "eta_relative": eta, "state": state, "current_image": None, "textinfo": textinfo}
+
+    @app.post("/sdapi/v1/interrupt", tags=["sdapi"])
+    async def interrupt() -> dict[str, Any]:
+        """Stop the running request after its current sampler step; it answers the images finished so far."""
+        worker.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip", tags=["sdapi"])
+    async def skip() -> dict[str, Any]:
+        """Stop the running request's current n_iter batch; it goes on with the next."""
+        worker.skip()
+        return {}
+
+    @app.get("/sdapi/v1/samplers", tags=["sdapi"])
+    async def samplers() -> list[dict[str, Any]]:
+        return samplers_list()
+
+    @app.get("/sdapi/v1/schedulers", tags=["sdapi"])
+    async def schedulers() -> list[dict[str, Any]]:
+        return schedulers_list()
+
+    @app.get("/sdapi/v1/sd-models", tags=["sdapi"])
+    async def sd_models() -> list[dict[str, Any]]:
+        return service.sd_models()
+
+    @app.get("/sdapi/v1/sd-vae", tags=["sdapi"])
+    async def sd_vae() -> list[dict[str, Any]]:
+        return service.sd_vaes()
+
+    @app.get("/sdapi/v1/options", tags=["sdapi"])
+    async def get_options() -> dict[str, Any]:
+        return service.get_options()
+
+    @app.post("/sdapi/v1/options", tags=["sdapi"])
+    async def set_options(update: OptionsUpdate) -> None:
+        """Set eta_ddim / eta_ancestral; the model, VAE, clip skip and format can only be set to what they are."""
+        service.set_options(update)
+
+    @app.get("/sdapi/v1/loras", tags=["sdapi"])
+    async def loras() -> list[dict[str, Any]]:
+        return []  # LoRA files come with the issue that adds them
+
+    @app.get("/sdapi/v1/embeddings", tags=["sdapi"])
+    async def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @app.post("/sdapi/v1/png-info", tags=["sdapi"])
+    async def png_info(payload: PngInfoRequest) -> dict[str, Any]:
+        """The parameters text of a PNG (as the scripts and web UIs write it), raw and parsed."""
+        return await run_in_threadpool(service.png_info, payload.image)
+
+    return app

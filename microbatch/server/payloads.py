@@ -1,0 +1,96 @@
+"""The bodies of the web UI's `/sdapi/v1` requests, with its field names and defaults.
+
+Fields this server does not use are accepted and ignored (clients send the web UI's whole payload), except those
+whose silent omission would give other images than the client asked for (hires fix, variation seeds, face
+restoration, tiling, styles, scripts): those are refused with a one-line message. Defaults follow the web UI
+except `width` / `height` (None: the model's native size, 512 for SD 1.x) and `cfg_scale` (None: the model's
+default, 7.5 for SD as the original scripts; the demo model's 2).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_LIMIT = 2**63  # seeds are torch.Generator seeds: image i uses seed + i, which must stay below 2^64
+
+
+class Txt2ImgRequest(BaseModel):
+    """POST /sdapi/v1/txt2img."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)
+    seed: int = Field(-1, ge=-1, lt=SEED_LIMIT, description="-1: a random seed; image i of the request uses seed + i")
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: Optional[str] = Field(None, description="the web UI's name (Euler a, DPM++ 2M, DDIM...) or ours (euler_a...)")
+    sampler_index: str = "Euler"
+    scheduler: Optional[str] = Field(None, description="Automatic (the sampler's own), Karras, Exponential, or one of ours")
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: Optional[float] = Field(None, description="guidance scale; None: the model's default")
+    width: Optional[int] = Field(None, description="pixels; None: the model's native size")
+    height: Optional[int] = Field(None, description="pixels; None: the model's native size")
+    eta: Optional[float] = Field(None, description="noise of DDIM / ancestral / SDE samplers; None: the eta_ddim / eta_ancestral option")
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    enable_hr: bool = False
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True
+    script_name: Optional[str] = None
+    script_args: list[Any] = Field(default_factory=list)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """POST /sdapi/v1/img2img: `init_images[0]` re-run for `denoising_strength`; with `mask`, inpainting."""
+
+    init_images: Optional[list[str]] = Field(None, description="base64 images; one per request")
+    denoising_strength: float = 0.75
+    mask: Optional[str] = Field(None, description="base64 mask, white = repaint (inpainting)")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: black = repaint")
+    resize_mode: int = Field(0, ge=0, le=3, description="0 (just resize) when width / height differ from the init image")
+    include_init_images: bool = False
+
+
+class OptionsUpdate(BaseModel):
+    """POST /sdapi/v1/options: the options this server applies; other keys are ignored, as the web UI does."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: Optional[str] = None
+    sd_vae: Optional[str] = None
+    eta_ddim: Optional[float] = None
+    eta_ancestral: Optional[float] = None
+    samples_format: Optional[str] = None
+
+
+class PngInfoRequest(BaseModel):
+    """POST /sdapi/v1/png-info."""
+
+    image: str = Field(..., description="a base64-encoded PNG")
+
+
+def refused_fields(payload: Txt2ImgRequest) -> Optional[str]:
+    """A one-line reason when the payload asks for something this server does not do, else None."""
+    if payload.enable_hr:
+        return "enable_hr (hires fix) is not supported yet; send enable_hr false and the size you want"
+    if payload.subseed_strength not in (0, 0.0):
+        return f"variation seeds (subseed_strength {payload.subseed_strength}) are not supported yet"
+    if payload.restore_faces:
+        return "restore_faces is not supported by this server"
+    if payload.tiling:
+        return "tiling is not supported by this server"
+    if payload.styles:
+        return f"styles are not supported by this server (got {payload.styles})"
+    if payload.script_name:
+        return f"scripts are not supported by this server (script_name {payload.script_name!r})"
+    if payload.alwayson_scripts:
+        return f"always-on scripts are not supported by this server (got {', '.join(map(str, payload.alwayson_scripts))})"
+    return None
