@@ -42,6 +42,7 @@ _SUFFIXES = (
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "alpha", "scale", "dora_scale",
+    "down.weight", "up.weight",  # diffusers' attention-processor files: `attn1.processor.to_q_lora.down.weight`
 )
 _SUFFIXES = tuple(sorted(_SUFFIXES, key=len, reverse=True))
 # Canonical factor names: the diffusers / PEFT spellings of down and up.
@@ -49,6 +50,7 @@ _CANON = {
     "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
     "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
     "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight",
+    "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
 }
 _FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 2048: "SDXL"}
 
@@ -181,9 +183,12 @@ def _layer_key(file_key: str) -> Optional[str]:
     for prefix, part in (("unet.", "unet"), ("text_encoder.", "te")):
         if file_key.startswith(prefix):
             name = file_key[len(prefix):]
-            # attention-processor files: attn1.processor.to_q_lora -> attn1.to_q, to_out_lora -> to_out.0
+            # attention-processor files: attn1.processor.to_q_lora -> attn1.to_q, to_out_lora -> to_out.0; in
+            # the text encoder self_attn.to_q_lora -> self_attn.q_proj, to_out_lora -> out_proj
             name = re.sub(r"\.processor\.(to_[qkv])_lora$", r".\1", name)
             name = re.sub(r"\.processor\.to_out_lora$", ".to_out.0", name)
+            name = re.sub(r"\.self_attn\.to_([qkv])_lora$", r".self_attn.\1_proj", name)
+            name = re.sub(r"\.self_attn\.to_out_lora$", ".self_attn.out_proj", name)
             if part == "te" and not name.startswith("text_model."):
                 name = "text_model." + name
             return f"{part}:{_flat(name)}"
