@@ -25,7 +25,7 @@ import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -422,6 +422,9 @@ def apply_lora(model: torch.nn.Module, path: Union[str, Path], weight: float = 1
         raise ValueError(f"{path}: no LoRA / LyCORIS layers found (keys like {sorted(state_dict)[:3]})")
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in groups) or str(metadata.get("ss_base_model_version", "")).startswith("sdxl"):
         raise _family_error(path, model, groups, metadata, "SDXL text-encoder keys")
+    dora = [name for name, factors in groups.items() if "dora_scale" in factors]
+    if dora:
+        raise ValueError(f"{path}: DoRA layers (dora_scale, e.g. {dora[0]}) are not supported")
     index = _layer_index(model)
     params = dict(model.named_parameters())
     unmatched = list(unknown)
@@ -469,6 +472,21 @@ def remove_all_loras(model: torch.nn.Module) -> None:
     """Take every applied network out: the model's weights are the original bits again."""
     for handle in reversed(applied_loras(model)):
         handle.remove()
+
+
+def set_loras(model: torch.nn.Module, loras: Sequence[tuple[Union[str, Path], float, Optional[float]]]) -> list[LoraHandle]:
+    """Make the networks applied to `model` exactly `loras`, given as (file, unet weight, te weight or None for
+    the unet weight), in that order: the applied networks that already match a leading part of the list stay,
+    the others are removed and the rest applied. The weights are then bit-identical to applying the list to the
+    bare model; an empty list restores the original. For an engine that runs micro-batches grouped by LoRA set."""
+    wanted = [(Path(p).resolve(), float(w), float(w if t is None else t)) for p, w, t in loras]
+    current = applied_loras(model)
+    keep = 0
+    while keep < min(len(current), len(wanted)) and (current[keep].path.resolve(), current[keep].weight, current[keep].te_weight) == wanted[keep]:
+        keep += 1
+    for handle in reversed(current[keep:]):
+        handle.remove()
+    return current[:keep] + [apply_lora(model, p, weight=w, te_weight=t) for p, w, t in wanted[keep:]]
 
 
 # ----------------------------------------------------------------------------------------------------------------

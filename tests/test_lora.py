@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from microbatch.lora import apply_lora, applied_loras, extract_lora_tags, find_lora, lora_hash, lora_hashes, remove_all_loras
+from microbatch.lora import apply_lora, applied_loras, extract_lora_tags, find_lora, lora_hash, lora_hashes, remove_all_loras, set_loras
 from tests.conftest import REPO, TINY_CONFIG, build_tiny
 
 TINY_V2 = REPO / "configs" / "tiny" / "tiny-v2.yaml"
@@ -403,6 +403,23 @@ def test_stacked_networks_remove_in_any_order(tiny_model, tmp_path, dtype):
         assert applied_loras(model) == []
 
 
+def test_set_loras_switches_sets_with_the_bits_of_a_fresh_application(model_v1, tmp_path):
+    unet = _diffusers_models(model_v1, TINY_CONFIG)
+    a, b, c = (_small_file(unet, tmp_path / f"{n}.safetensors", seed=i) for i, n in enumerate("abc"))
+    original = _state(model_v1)
+    first = set_loras(model_v1, [(a, 1.0, None), (b, 0.5, 0.2)])
+    second = set_loras(model_v1, [(a, 1.0, None), (c, 0.7, None)])
+    assert second[0] is first[0] and not first[1].applied  # a kept, b removed
+    fresh = copy.deepcopy(model_v1)  # a copy carries the merged weights but not the record of applied networks
+    assert applied_loras(fresh) == []
+    fresh.load_state_dict(original)
+    apply_lora(fresh, a)
+    apply_lora(fresh, c, weight=0.7)
+    _assert_bit_equal(model_v1, fresh.state_dict())
+    assert set_loras(model_v1, []) == []
+    _assert_bit_equal(model_v1, original)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 
@@ -459,11 +476,15 @@ def test_unmatched_keys_are_one_warning_with_a_count(model_v1, tmp_path, caplog)
     assert handle.layers == 1
 
 
-def test_not_a_lora_file_is_an_error(model_v1, tmp_path):
+def test_not_a_lora_file_and_dora_are_errors(model_v1, tmp_path):
     path = tmp_path / "junk.safetensors"
     save_file({"foo": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="no LoRA"):
         apply_lora(model_v1, path)
+    dora = tmp_path / "dora.safetensors"
+    save_file({f"{_ATTN_K}.lora_down.weight": torch.ones(2, 32), f"{_ATTN_K}.lora_up.weight": torch.ones(32, 2), f"{_ATTN_K}.dora_scale": torch.ones(32, 1)}, str(dora))
+    with pytest.raises(ValueError, match="DoRA"):
+        apply_lora(model_v1, dora)
 
 
 # ----------------------------------------------------------------------------------------------------------------
