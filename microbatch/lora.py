@@ -15,6 +15,10 @@ Merging, not hooking: applying computes each layer's delta once (W' = W + multip
 costs nothing extra. The original of every touched weight is kept (by default in CPU memory); each change
 recomputes W' = W + the deltas of the networks still applied, in application order, so removing networks in any
 order gives the same bits as applying only the rest, and removing the last one copies the original back.
+Measured (CPU, 1 thread): the tiny test model, a 103-layer LoCon file: apply 46 ms with the file read, remove
+3 ms, a step unchanged. Full-size SD 1.x: a kohya LoRA touches 264 weights (192 UNet attention, 72 text; 352 M
+values, so 0.7 GB of fp16 originals kept), a LoCon 66 convolutions more (564 M); delta + merge timed per distinct
+shape at rank 32 and summed: about 3.2 s and 16 s per application on one CPU thread.
 """
 from __future__ import annotations
 
