@@ -207,7 +207,7 @@ def measure_memory_model(engine: Any, settings: Any, jobs_sample: Sequence[Any],
     )
     jobs = _jobs_for(jobs_sample, b2)
     # Encode every prompt first: the text encoder's activations belong to no micro-batch (prompts are cached).
-    probe.conditioning([j.prompt for j in jobs] + [j.negative_prompt for j in jobs])
+    probe.conditioning([j.prompt for j in jobs] + [j.negative_prompt for j in jobs], settings.prompt_steps, settings.clip_skip)
     resident = tensor_bytes(engine.model, device)
     samples: list[tuple[int, int]] = []
     decodes: list[tuple[int, int]] = []

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from microbatch.loading import vae_factor_of
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +113,6 @@ def axis_weights(starts: list[int], size: int, scale: int, blend: Blend) -> list
     return weights
 
 
-def vae_factor(model: Any) -> int:
-    """Pixels per latent of a LatentDiffusion's VAE (8 for Stable Diffusion)."""
-    return 2 ** (model.first_stage_model.decoder.num_resolutions - 1)
-
-
 def _blend_tiles(
     shape_hw: tuple[int, int], tile: int, overlap: int, blend: Blend, scale: int, run_tile
 ) -> torch.Tensor:
@@ -160,7 +156,7 @@ def decode_tiled(
     h, w = z.shape[-2:]
     if h <= tile and w <= tile:
         return model.decode_first_stage(z)
-    f = vae_factor(model)
+    f = vae_factor_of(model)
     dtype = []
 
     def run_tile(r: int, c: int, th: int, tw: int) -> torch.Tensor:
@@ -188,7 +184,7 @@ def encode_tiled(
         the posterior over unscaled latents [B, C, H/f, W/f].
     """
     _check(tile, overlap, blend)
-    f = vae_factor(model)
+    f = vae_factor_of(model)
     if x.shape[-2] % f or x.shape[-1] % f:
         raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the VAE factor {f}")
     h, w = x.shape[-2] // f, x.shape[-1] // f
