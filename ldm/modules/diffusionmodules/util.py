@@ -130,12 +130,13 @@ class RowwiseConv2d(nn.Conv2d):
     checkpoint keys are those of nn.Conv2d. Cost measured on the demo model (CPU, 1 thread, 20 DDIM steps): at its
     8x8 latents, where per-call overhead dominates, 0.292 -> 0.354 s per image at micro-batch 1 (2 rows), 0.184 ->
     0.257 at 4 and 0.165 -> 0.238 at 8 (+21%, +40%, +44%); the demo UNet at 32x32 latents: 5-10%, where
-    batching gained nothing to begin with.
+    batching gained nothing to begin with. Only on the CPU: on a GPU one launch per row would give up most of what
+    micro-batching gains, so there the batched kernel runs (results may then differ in the last bits by batch).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Training (gradients on) keeps the batched kernel: only inference results must not depend on the batch.
-        if x.dim() != 4 or x.shape[0] <= 1 or torch.is_grad_enabled():
+        if x.dim() != 4 or x.shape[0] <= 1 or torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
         first = super().forward(x[:1])
         out = first.new_empty((x.shape[0], *first.shape[1:]))
