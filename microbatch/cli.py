@@ -568,19 +568,25 @@ def main_for(mode: Mode, description: Optional[str] = None, argv: Optional[Seque
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return run(args, mode, explicit_flags(mode, argv))
-    except KeyboardInterrupt:
+    except BaseException as e:  # noqa: BLE001 - reported by exit_code_for, which re-raises SystemExit
+        return exit_code_for(e, args.verbose)
+
+
+def exit_code_for(error: BaseException, verbose: bool) -> int:
+    """The scripts' one error boundary: print `error: ...` on one line (the traceback too with --verbose) and return
+    the exit code: 130 interrupted, 2 bad input (UsageError, CheckpointError, ValueError, a missing file), 1 else."""
+    if isinstance(error, (SystemExit, GeneratorExit)):
+        raise error
+    if isinstance(error, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr)
+    if verbose:
+        traceback.print_exception(type(error), error, error.__traceback__)
+    if isinstance(error, (UsageError, CheckpointError, ValueError, FileNotFoundError)):
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - an unexpected failure still ends in one line and an exit code
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {type(e).__name__}: {one_line(e)} (run with --verbose for the traceback)", file=sys.stderr)
-        return 1
+    print(f"error: {type(error).__name__}: {one_line(error)} (run with --verbose for the traceback)", file=sys.stderr)
+    return 1
 
 
 def one_line(error: BaseException) -> str:

@@ -66,17 +66,11 @@ _OPENCLIP_TOKENS = "cond_stage_model.model.token_embedding.weight"
 _CLIP_TOKENS = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 
 
-def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Optional[tuple[list[str], int]]:
-    """Build `config` on the meta device (nothing allocated) and compare its weights' names and shapes with the
-    checkpoint's. Returns (differences, tensors compared), differences [] when every weight fits, or None when
-    the yaml's UNet cannot fit."""
-    cfg = load_config(config)
-    unet = cfg.model.params.unet_config.params
-    conv_in, ctx = state_dict[_UNET_CONV_IN], state_dict.get(_UNET_CONTEXT)
-    if (unet.model_channels, unet.in_channels) != tuple(conv_in.shape[:2]) or (ctx is not None and unet.context_dim != ctx.shape[1]):
-        return None
+def layout_differences(config: Path, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+    """Build `config`'s model on the meta device (nothing allocated) and compare its state dict's names and shapes
+    with the file's: (differences, tensors compared). Buffers the model computes itself may be absent from the file."""
     with torch.device("meta"):
-        model = instantiate_from_config(cfg.model)
+        model = instantiate_from_config(load_config(config).model)
     computed = {name for name, _ in model.named_buffers()}
     problems, compared = [], 0
     for key, value in model.state_dict().items():
@@ -88,6 +82,16 @@ def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Opti
         if tuple(state_dict[key].shape) != tuple(value.shape):
             problems.append(f"{key}: file {tuple(state_dict[key].shape)} vs config {tuple(value.shape)}")
     return problems, compared
+
+
+def _shape_mismatches(config: Path, state_dict: dict[str, torch.Tensor]) -> Optional[tuple[list[str], int]]:
+    """`layout_differences` of an SD 1 / 2 yaml, or None when its UNet cannot fit (checked first, cheaply)."""
+    cfg = load_config(config)
+    unet = cfg.model.params.unet_config.params
+    conv_in, ctx = state_dict[_UNET_CONV_IN], state_dict.get(_UNET_CONTEXT)
+    if (unet.model_channels, unet.in_channels) != tuple(conv_in.shape[:2]) or (ctx is not None and unet.context_dim != ctx.shape[1]):
+        return None
+    return layout_differences(config, state_dict)
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], ckpt: Path) -> tuple[Path, str]:

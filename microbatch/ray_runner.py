@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from microbatch.engine import ImageJob
 from microbatch.request import GenerationRequest, ModelOptions, UsageError

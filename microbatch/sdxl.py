@@ -16,8 +16,8 @@ from typing import Literal, Optional
 import torch
 
 from ldm.checkpoint import CheckpointError
-from ldm.util import instantiate_from_config, load_config
-from microbatch.loading import builtin_config
+from ldm.util import load_config
+from microbatch.loading import builtin_config, layout_differences
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +40,6 @@ def sdxl_kind(state_dict: dict[str, torch.Tensor]) -> Optional[SDXLKind]:
     if _BIGG_TOKENS["refiner"] in state_dict and _CLIP_L_TOKENS not in state_dict:
         return "refiner"
     return None
-
-
-def layout_differences(config: Path, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], int]:
-    """Build `config`'s model on the meta device and compare its state dict with the file's: (differences,
-    tensors compared). Buffers the model computes itself may be absent from the file."""
-    with torch.device("meta"):
-        model = instantiate_from_config(load_config(config).model)
-    computed = {name for name, _ in model.named_buffers()}
-    problems, compared = [], 0
-    for key, value in model.state_dict().items():
-        if key not in state_dict:
-            if key not in computed:
-                problems.append(f"{key} missing")
-            continue
-        compared += 1
-        if tuple(state_dict[key].shape) != tuple(value.shape):
-            problems.append(f"{key}: file {tuple(state_dict[key].shape)} vs config {tuple(value.shape)}")
-    return problems, compared
 
 
 def _describe(kind: SDXLKind, state_dict: dict[str, torch.Tensor]) -> str:

@@ -10,12 +10,11 @@ import ipaddress
 import logging
 import socket
 import sys
-import traceback
 from typing import Optional, Sequence
 
 from ldm.checkpoint import CheckpointError
 from ldm.modules.attention_backends import BACKENDS
-from microbatch.cli import OneLineParser, _HelpFormatter, _int_or_auto, one_line
+from microbatch.cli import OneLineParser, _HelpFormatter, _int_or_auto, exit_code_for
 from microbatch.loading import DEFAULT_CKPT
 from microbatch.request import ModelOptions, UsageError
 
@@ -100,14 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_port_free(args.host, args.port)  # before the model loads: a busy port fails in a second, not a minute
         pipeline = Pipeline.load(options, on_note=print)
         app = create_app(pipeline, limits, max_batch_size)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
+        return exit_code_for(e, args.verbose)
     if not is_loopback(args.host):
         print(
             f"warning: listening on {args.host}, not a loopback address: anyone who can reach this machine can use the "
