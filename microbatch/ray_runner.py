@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
 from microbatch.engine import ImageJob
+from microbatch.job import items_to_do
 from microbatch.request import GenerationRequest, ModelOptions, UsageError
 from microbatch.runner import RankReport
 
@@ -70,6 +72,11 @@ class Worker:
         self.pipeline.cancel()
 
 
+def actor_name(worker: str) -> str:
+    """The Ray actor name of a worker of this driver (`ray.get_actor(actor_name("worker0"))`): for monitoring tools."""
+    return f"microbatch-{os.getpid()}-{worker}"
+
+
 def connect(address: str, workers: int) -> Any:
     """ray.init: "local" starts a Ray instance on this machine with a CPU per worker; "auto" or an address joins a
     running cluster."""
@@ -107,7 +114,7 @@ def run_ray_job(
         nonlocal started
         name = f"worker{started}"
         started += 1
-        actors[name] = actor_cls.remote(options, name)
+        actors[name] = actor_cls.options(name=actor_name(name)).remote(options, name)
         return name
 
     for _ in range(min(workers, len(todo))):
@@ -147,9 +154,12 @@ def run_ray_job(
                 restarts += 1
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(f"Ray workers died {restarts} times (last: {name}: {e}); --resume completes the job") from None
-                on_note(f"note: Ray {name} died; its {len(jobs)} images go to another worker")
+                # What it finished before dying is in the manifest: only the rest goes back.
+                left, _, _ = items_to_do(outdir, jobs)
+                on_note(f"note: Ray {name} died; {len(left)} of its {len(jobs)} images go to another worker")
                 actors.pop(name, None)
-                pending.appendleft(jobs)
+                if left:
+                    pending.appendleft(left)
                 start_actor()
                 continue
             merged = reports.setdefault(name, RankReport(name))

@@ -31,3 +31,39 @@ def test_ray_two_workers_make_the_single_process_images(tmp_path, tiny_ckpt, mon
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["images"] == 7 and sum(r["images"] for r in metrics["ranks"]) == 7
     assert {r["rank"] for r in metrics["ranks"]} <= {"worker0", "worker1"}
+
+
+def test_a_worker_that_dies_loses_nothing(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """worker1 is killed while the job runs: its micro-batch goes to a replacement, every item exists once."""
+    ray = pytest.importorskip("ray")
+    import threading
+    import time
+
+    from microbatch.ray_runner import actor_name
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    batch_gen = load_script("batch_gen")
+    slow = ["--ddim_steps", "60", "--n_samples", "8"]
+    assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", "one"]) == 0
+    killed, errors = [], []
+
+    def kill_when_started():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if ray.is_initialized() and (tmp_path / "ray" / "manifest.jsonl").is_file():
+                    ray.kill(ray.get_actor(actor_name("worker1")))
+                    killed.append(True)
+                    return
+            except Exception as e:  # noqa: BLE001 - not started yet (ValueError), or to report
+                errors.append(repr(e))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_when_started, daemon=True)
+    watcher.start()
+    assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", "ray", "--ray", "local", "--ray_workers", "2"]) == 0
+    watcher.join(5)
+    assert killed and "worker1 died" in capsys.readouterr().out, errors[-3:]
+    assert sorted(line["index"] for line in manifest(tmp_path / "ray")) == list(range(8))
+    assert pixels(tmp_path / "ray") == pixels(tmp_path / "one")
