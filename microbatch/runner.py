@@ -74,13 +74,23 @@ def init_rank(timeout_s: float = 1800.0) -> Rank:
 
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     env = os.environ
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The agent's store outlives a restart of the ranks, and the process group's keys do not name the
+            # attempt: a restarted rank could read a dead rank's address and fail to connect. Each attempt gets
+            # its own prefix.
+            base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+            store = dist.PrefixStore(f"microbatch/{env.get('TORCHELASTIC_RUN_ID', 'run')}/attempt{restart}/", base)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
     # The process group's store is the rendezvous store torchrun set up (torch has no public getter for it).
     store = dist.distributed_c10d._get_default_store()
-    return Rank(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)), store,
-                int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    return Rank(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)), store, restart)
 
 
 def rank_device(rank: Rank, requested: str) -> str:
