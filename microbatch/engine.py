@@ -45,6 +45,7 @@ from microbatch.prompts import (
     parse_prompt_attention,
     stack_conds,
 )
+from sgm.models.diffusion import DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE
 from samplers import Denoiser, GuidedModel, get_sampler, get_sigmas, to_vp
 from samplers.guidance import ConditioningSchedule, StepConditioning
 
@@ -59,11 +60,6 @@ class ImageJob:
     prompt: str
     seed: int
     negative_prompt: str = ""
-
-
-# The published sampling's aesthetic scores (SDXL refiner): positive and negative branch.
-DEFAULT_AESTHETIC_SCORE = 6.0
-DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 @dataclass(frozen=True)
