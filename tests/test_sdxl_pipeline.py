@@ -168,3 +168,29 @@ def test_errors_are_one_line(pipe, tiny_model, tmp_path):
     sd1 = Pipeline.from_checkpoint(None, device="cpu", precision="full")
     with pytest.raises(UsageError, match="--target_size, --aesthetic_score: SDXL micro-conditioning, but this model is not SDXL"):
         sd1.plan(GenerationRequest(target_size=(64, 64), aesthetic_score=5.0))
+
+
+def test_engine_equals_the_published_conditioning_path(pipe):
+    """The engine's per-text, per-image conditioning (empty negative prompt zeroed) equals sgm's own batch path:
+    the conditioner's `get_unconditional_conditioning(batch, force_uc_zero_embeddings=["txt"])` with one guided
+    Euler loop (tests/test_sdxl.py checks that loop against diffusers' SDXL UNet and EulerDiscreteScheduler)."""
+    from microbatch.engine import Engine, ImageJob, SamplingSettings
+    from samplers import Denoiser, GuidedModel, get_sigmas, to_vp
+    from samplers.registry import SAMPLERS
+
+    model = pipe.model
+    prompts, seeds = ["an astronaut riding a horse", "a bowl of fruit", ""], [3, 9, 27]
+    settings = SamplingSettings(sampler="euler", steps=5, height=64, width=96, guidance_scale=5.0, max_batch_size=3,
+                                original_size=(1024, 768), crop_coords=(16, 0), target_size=(512, 512))
+    latents = Engine(model, torch.device("cpu")).sample_batch([ImageJob(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))], settings)
+
+    with torch.no_grad():
+        batch = model.conditioning_batch(prompts, (1024, 768), (16, 0), (512, 512))
+        cond, uncond = model.conditioner.get_unconditional_conditioning(batch, force_uc_zero_embeddings=["txt"])
+        denoiser = Denoiser(GuidedModel(model.apply_model, cond, uncond, 5.0), model.alphas_cumprod, model.parameterization)
+        sigmas = get_sigmas(settings.schedule_name(), denoiser, 5)
+        noise = torch.stack([torch.randn(4, 8, 12, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = SAMPLERS["euler"].fn(denoiser, noise * float((sigmas[0] ** 2 + 1) ** 0.5), sigmas)
+        reference = to_vp(x, float(sigmas[-1]))
+    assert latents.abs().max() > 0.1
+    assert torch.allclose(latents, reference, rtol=1e-5, atol=1e-5), float((latents - reference).abs().max())
