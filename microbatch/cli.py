@@ -116,7 +116,7 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
 
-    g = p.add_argument_group("SDXL micro-conditioning (SDXL models only; default: the published values)")
+    g = p.add_argument_group("SDXL micro-conditioning (SDXL models only; unset: the published values)")
     g.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None, help="the size the model is told the training image had (default: the output size)")
     g.add_argument("--crop_coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None, help="the crop's top-left corner the model is told (default: 0 0)")
     g.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None, help="the target size the model is told (base only; default: the output size)")
