@@ -116,6 +116,13 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
 
+    g = p.add_argument_group("SDXL micro-conditioning (SDXL models only; unset: the published values)")
+    g.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None, help="the size the model is told the training image had (default: the output size)")
+    g.add_argument("--crop_coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None, help="the crop's top-left corner the model is told (default: 0 0)")
+    g.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None, help="the target size the model is told (base only; default: the output size)")
+    g.add_argument("--aesthetic_score", type=float, default=None, help="aesthetic score of the positive branch (refiner only; default 6.0)")
+    g.add_argument("--negative_aesthetic_score", type=float, default=None, help="aesthetic score of the negative branch (refiner only; default 2.5)")
+
     g = p.add_argument_group("size and count")
     if not image_mode:
         g.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
@@ -192,6 +199,10 @@ def _int_or_auto(value: Optional[str]) -> Any:
         raise UsageError(f"--max_batch_size must be a positive integer or auto, got {value!r}") from None
 
 
+def _pair(value: Optional[Sequence[int]]) -> Optional[tuple[int, int]]:
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
 def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """GenerationRequest fields from the flags (nothing checked yet; the request checks)."""
     if args.plms and args.sampler not in (None, "plms"):
@@ -201,6 +212,8 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         seed=args.seed, fixed_code=args.fixed_code, sampler="plms" if args.plms else (args.sampler or "ddim"), steps=args.ddim_steps,
         schedule=args.schedule, eta=args.ddim_eta, scale=args.scale, max_batch_size=_int_or_auto(args.max_batch_size),
         max_memory=args.max_memory, split_guidance=args.split_guidance, clip_skip=args.clip_skip,
+        original_size=_pair(args.original_size), crop_coords=_pair(args.crop_coords), target_size=_pair(args.target_size),
+        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
     )
     if mode in ("img2img", "inpaint"):
         fields.update(init_image=args.init_img or None, strength=args.strength)

@@ -15,6 +15,13 @@ Conditioning: prompts are in the web UI's prompt language (`microbatch.prompts`)
 prompt editing and alternation switch an image's context at its scheduled denoiser calls, and `a AND b:0.5` guides
 towards several parts. `samplers.guidance.GuidedModel` runs rows whose contexts differ in length as separate UNet
 calls (never padded), so an image with a long prompt is the same whichever prompts share its micro-batch.
+
+SDXL (`sgm.models.diffusion.DiffusionEngine`): a row's conditioning is a dict {"crossattn": [77, C], "vector":
+[adm]} from the model's conditioner with the run's micro-conditioning (original size, crop, target size; the
+refiner's aesthetic score), each text encoded alone as for SD. Prompt editing, alternation and AND work; emphasis
+and BREAK are refused (one-line ValueError) until the prompt language speaks SDXL's two encoders. An EMPTY negative
+prompt zeroes the text parts of the unconditional rows (the published sampling's force_zero_embeddings=["txt"],
+which diffusers applies only to an empty negative prompt too); a non-empty one is encoded.
 """
 from __future__ import annotations
 
@@ -33,9 +40,12 @@ from microbatch.prompts import (
     ScheduledPromptConditioning,
     cond_at,
     get_learned_conditioning,
+    get_learned_conditioning_prompt_schedules,
     get_multicond_prompt_list,
+    parse_prompt_attention,
     stack_conds,
 )
+from sgm.models.diffusion import DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE
 from samplers import Denoiser, GuidedModel, get_sampler, get_sigmas, to_vp
 from samplers.guidance import ConditioningSchedule, StepConditioning
 
@@ -50,6 +60,21 @@ class ImageJob:
     prompt: str
     seed: int
     negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size and crop conditioning (pixels: (height, width), (top, left)) and the refiner's aesthetic score."""
+
+    original_size: tuple[int, int]
+    crop_coords: tuple[int, int]
+    target_size: tuple[int, int]
+    aesthetic_score: float
+
+
+def is_sdxl(model: Any) -> bool:
+    """Whether `model` is an SDXL DiffusionEngine (dict conditioning from a GeneralConditioner)."""
+    return hasattr(model, "conditioner") and hasattr(model, "conditioning_batch")
 
 
 @dataclass
@@ -75,10 +100,28 @@ class SamplingSettings:
     strength: Optional[float] = None
     # 1: the text encoder's last layer; N: the N-th from the end (SD 1.x; no effect on SD 2.x), see microbatch.prompts
     clip_skip: int = 1
+    # SDXL micro-conditioning, in pixels (height, width) / (top, left); None: the published defaults (original and
+    # target size = the image's size, crop (0, 0), aesthetic score 6.0 and 2.5 for the negative branch, refiner only)
+    original_size: Optional[tuple[int, int]] = None
+    crop_coords: Optional[tuple[int, int]] = None
+    target_size: Optional[tuple[int, int]] = None
+    aesthetic_score: Optional[float] = None
+    negative_aesthetic_score: Optional[float] = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height // self.factor, self.width // self.factor)
+
+    def micro_conditioning(self, negative: bool = False) -> "MicroConditioning":
+        """The SDXL micro-conditioning of the positive (or negative) branch, defaults filled in."""
+        if negative:
+            score = DEFAULT_NEGATIVE_AESTHETIC_SCORE if self.negative_aesthetic_score is None else self.negative_aesthetic_score
+        else:
+            score = DEFAULT_AESTHETIC_SCORE if self.aesthetic_score is None else self.aesthetic_score
+        size = (int(self.height), int(self.width))
+        return MicroConditioning(
+            tuple(self.original_size or size), tuple(self.crop_coords or (0, 0)), tuple(self.target_size or size), float(score)
+        )
 
     def schedule_name(self) -> str:
         return self.schedule or get_sampler(self.sampler).default_schedule
@@ -151,7 +194,9 @@ class Engine:
     _warned_vae: bool = False
 
     # -- conditioning --
-    def prompt_schedule(self, text: str, steps: int, clip_skip: int = 1) -> list[ScheduledPromptConditioning]:
+    def prompt_schedule(
+        self, text: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None, negative: bool = False
+    ) -> list[ScheduledPromptConditioning]:
         """One text's conditioning schedule [(end_at_step, cond [77 k, C]), ...] for a run counting `steps` prompt
         steps (see SamplingSettings.prompt_steps), in the web UI's prompt language; each (text, steps, clip_skip)
         is encoded once per engine.
@@ -159,7 +204,12 @@ class Engine:
         Texts are encoded one at a time, so an embedding never depends on which other texts shared its micro-batch
         (the text encoder's GEMMs may pick kernels by batch size). A plain text of at most 75 tokens gives exactly
         `model.get_learned_conditioning([text])[0]`. A model whose text encoder does not speak the prompt language
-        gets that too, for every text."""
+        gets that too, for every text.
+
+        SDXL: each cond is {"crossattn": [77, C], "vector": [adm]} for `micro` (None: the model's native size);
+        `negative` marks the unconditional branch, where an empty text gives zero text embeddings."""
+        if is_sdxl(self.model):
+            return self._sdxl_schedule(text, steps, clip_skip, micro, negative)
         key = (text, int(steps), int(clip_skip))
         if key not in self._cond_cache:
             with torch.no_grad():
@@ -171,27 +221,63 @@ class Engine:
                     self._cond_cache[key] = [ScheduledPromptConditioning(steps, self.model.get_learned_conditioning([text])[0])]
         return self._cond_cache[key]
 
-    def prompt_parts(self, prompt: str, steps: int, clip_skip: int = 1) -> list[tuple[list[ScheduledPromptConditioning], float]]:
+    def _sdxl_schedule(self, text: str, steps: int, clip_skip: int, micro: Optional[MicroConditioning], negative: bool) -> list[ScheduledPromptConditioning]:
+        if clip_skip != 1:
+            raise ValueError(f"clip_skip {clip_skip} is not supported for SDXL (its encoders use their penultimate layer, as published)")
+        zero = negative and text == ""
+        key = ("sdxl", text, int(steps), micro, zero)
+        if key in self._cond_cache:
+            return self._cond_cache[key]
+        schedule = []
+        for end, part in get_learned_conditioning_prompt_schedules([text], steps)[0]:
+            pieces = parse_prompt_attention(part)
+            if any(weight != 1.0 for _, weight in pieces):
+                raise ValueError(
+                    f"SDXL: emphasis and BREAK are not supported yet (prompt {text!r:.80}); write literal brackets as \\( \\)"
+                )
+            plain = "".join(piece for piece, _ in pieces)
+            with torch.no_grad():
+                if micro is None:
+                    batch = self.model.conditioning_batch([plain])
+                else:
+                    batch = self.model.conditioning_batch(
+                        [plain], micro.original_size, micro.crop_coords, micro.target_size, micro.aesthetic_score
+                    )
+                cond = self.model.get_learned_conditioning(batch, ["txt"] if zero else None)
+            schedule.append(ScheduledPromptConditioning(int(end), {k: v[0] for k, v in cond.items()}))
+        self._cond_cache[key] = schedule
+        return schedule
+
+    def prompt_parts(
+        self, prompt: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None
+    ) -> list[tuple[list[ScheduledPromptConditioning], float]]:
         """A positive prompt's composable parts (split at AND, each with its `:weight`, default 1), each with its
         schedule (see prompt_schedule). A prompt without AND or a trailing weight is one part of weight 1."""
         indexes, texts, _ = get_multicond_prompt_list([prompt])
-        return [(self.prompt_schedule(texts[i], steps, clip_skip), weight) for i, weight in indexes[0]]
+        return [(self.prompt_schedule(texts[i], steps, clip_skip, micro), weight) for i, weight in indexes[0]]
 
-    def conditioning(self, prompts: Sequence[str], steps: int = 1, clip_skip: int = 1) -> torch.Tensor:
+    def conditioning(self, prompts: Sequence[str], steps: int = 1, clip_skip: int = 1) -> Any:
         """Encode prompts ahead of a run (cached) and return their conditioning at step 0 [B, 77 k, C] (the first
-        part of each; shorter rows extended as `microbatch.prompts.stack_conds` does)."""
-        return stack_conds([cond_at(self.prompt_parts(p, steps, clip_skip)[0][0], 0) for p in prompts])
+        part of each; shorter rows extended as `microbatch.prompts.stack_conds` does); SDXL: a dict of those
+        stacked, at the model's native size."""
+        rows = [cond_at(self.prompt_parts(p, steps, clip_skip)[0][0], 0) for p in prompts]
+        if rows and isinstance(rows[0], dict):
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return stack_conds(rows)
 
     def step_conditioning(self, jobs: Sequence[ImageJob], settings: SamplingSettings) -> ConditioningSchedule:
         """The micro-batch's ConditioningSchedule: at denoiser call k, each image's prompt parts and its negative
         prompt at prompt step k. Negative prompts are encoded only when guidance (or a composable prompt) uses
         them."""
         steps, clip_skip = settings.prompt_steps, settings.clip_skip
-        parts = [self.prompt_parts(j.prompt, steps, clip_skip) for j in jobs]
+        micro = negative_micro = None
+        if is_sdxl(self.model):
+            micro, negative_micro = settings.micro_conditioning(), settings.micro_conditioning(negative=True)
+        parts = [self.prompt_parts(j.prompt, steps, clip_skip, micro) for j in jobs]
         composable = any(len(p) != 1 or p[0][1] != 1.0 for p in parts)
         negatives = None
         if settings.guidance_scale != 1.0 or composable:
-            negatives = [self.prompt_schedule(j.negative_prompt, steps, clip_skip) for j in jobs]
+            negatives = [self.prompt_schedule(j.negative_prompt, steps, clip_skip, negative_micro, negative=True) for j in jobs]
 
         def at(step: int) -> StepConditioning:
             rows: list[torch.Tensor] = []

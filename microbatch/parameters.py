@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from microbatch.engine import ImageJob, SamplingSettings
+from microbatch.engine import DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, ImageJob, SamplingSettings
 from microbatch.request import UsageError, check_image_file
 from samplers import SAMPLERS
 
@@ -42,11 +42,37 @@ def png_parameters(
     fields += [f"Eta: {settings.eta:g}", f"Precision: {precision}"]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
+    fields += micro_conditioning_fields(settings)
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def micro_conditioning_fields(settings: SamplingSettings) -> list[str]:
+    """SDXL micro-conditioning that differs from the published defaults: `Original size` / `Target size` as WxH
+    (like `Size`), `Crop coords` as "TOP LEFT", `Aesthetic score`, `Negative aesthetic score`."""
+    pos, neg = settings.micro_conditioning(), settings.micro_conditioning(negative=True)
+    size = (settings.height, settings.width)
+    out = []
+    if settings.original_size is not None and pos.original_size != size:
+        out.append(f"Original size: {pos.original_size[1]}x{pos.original_size[0]}")
+    if settings.crop_coords is not None and pos.crop_coords != (0, 0):
+        out.append(f"Crop coords: {pos.crop_coords[0]} {pos.crop_coords[1]}")
+    if settings.target_size is not None and pos.target_size != size:
+        out.append(f"Target size: {pos.target_size[1]}x{pos.target_size[0]}")
+    if settings.aesthetic_score is not None and pos.aesthetic_score != DEFAULT_AESTHETIC_SCORE:
+        out.append(f"Aesthetic score: {pos.aesthetic_score:g}")
+    if settings.negative_aesthetic_score is not None and neg.aesthetic_score != DEFAULT_NEGATIVE_AESTHETIC_SCORE:
+        out.append(f"Negative aesthetic score: {neg.aesthetic_score:g}")
+    return out
+
+
+def _size_field(value: str) -> tuple[int, int]:
+    """ "WxH" -> (height, width)."""
+    w, h = (int(v) for v in value.split("x"))
+    return h, w
 
 
 def _unquote(value: str) -> str:
@@ -84,7 +110,9 @@ def parse_png_parameters(text: str) -> dict[str, str]:
 FLAG_OF = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "seed": "seed", "width": "W",
     "height": "H", "scale": "scale", "eta": "ddim_eta", "sampler": "sampler", "schedule": "schedule",
-    "strength": "strength", "precision": "precision", "clip_skip": "clip_skip",
+    "strength": "strength", "precision": "precision", "clip_skip": "clip_skip", "original_size": "original_size",
+    "crop_coords": "crop_coords", "target_size": "target_size", "aesthetic_score": "aesthetic_score",
+    "negative_aesthetic_score": "negative_aesthetic_score",
 }
 
 # The AUTOMATIC1111 web UI's sampler names -> (ours, what its schedule "Automatic" means for it). Since its 1.9 the
@@ -114,7 +142,8 @@ _NAME_SUFFIXES = ("Karras", "Exponential")  # old combined names, "DPM++ 2M Karr
 # Keys this program reads (or knowingly ignores: names, hashes and versions that do not change the pixels).
 KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
-    "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version",
+    "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Original size", "Crop coords",
+    "Target size", "Aesthetic score", "Negative aesthetic score",
 })
 
 
@@ -181,6 +210,15 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
             values["strength"] = float(f["Denoising strength"])
         if "Clip skip" in f:
             values["clip_skip"] = int(f["Clip skip"])
+        for key, name in (("Original size", "original_size"), ("Target size", "target_size")):
+            if key in f:
+                values[name] = _size_field(f[key])
+        if "Crop coords" in f:
+            top, left = (int(v) for v in f["Crop coords"].split())
+            values["crop_coords"] = (top, left)
+        for key, name in (("Aesthetic score", "aesthetic_score"), ("Negative aesthetic score", "negative_aesthetic_score")):
+            if key in f:
+                values[name] = float(f[key])
         sampler, schedule, notes = webui_sampler(f.get("Sampler", "ddim"), f.get("Schedule type"))
         eta = f.get("Eta DDIM") if sampler == "ddim" and "Eta DDIM" in f else f.get("Eta")
         values["eta"] = float(eta) if eta is not None else None

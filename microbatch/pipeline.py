@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
-from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings
+from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings, is_sdxl
 from microbatch.images import load_init_image, to_uint8
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
 from microbatch.memory import choose_batch_size, default_max_batch_size, measure_memory_model, memory_budget
@@ -260,6 +260,7 @@ class Pipeline:
         self.check_clip_skip(request.clip_skip)
         jobs = request.jobs() if jobs is None else list(jobs)
         settings = request.settings(height, width, scale, 1, channels=self.model.channels, factor=self.vae_factor)
+        self.check_micro_conditioning(request, settings, notes)
         settings.max_batch_size = micro_batch_size(request, self.device, settings)
         steps = self.steps_run(settings)
         if request.mode != "txt2img":
@@ -271,6 +272,27 @@ class Pipeline:
             else:
                 notes.append(f"{request.mode}: --strength {request.strength:g} re-runs {steps} of {request.steps} steps")
         return Plan(jobs, settings, steps, notes)
+
+    def check_micro_conditioning(self, request: GenerationRequest, settings: SamplingSettings, notes: list[str]) -> None:
+        """A one-line UsageError for SDXL micro-conditioning flags on another model; on an SDXL model, the flags
+        its conditioner does not read (the base has no aesthetic score, the refiner no target size) are noted and
+        dropped from `settings` (so the PNG parameters do not claim them)."""
+        given = request.micro_conditioning_given()
+        if not given:
+            return
+        if not is_sdxl(self.model):
+            raise UsageError(f"{', '.join(given)}: SDXL micro-conditioning, but this model is not SDXL ({type(self.model).__name__})")
+        keys = set(self.model.conditioner.input_keys)
+        reads = {
+            "original_size": "original_size_as_tuple" in keys, "crop_coords": "crop_coords_top_left" in keys,
+            "target_size": "target_size_as_tuple" in keys, "aesthetic_score": "aesthetic_score" in keys,
+            "negative_aesthetic_score": "aesthetic_score" in keys,
+        }
+        unread = [f"--{name}" for name, read in reads.items() if not read and getattr(settings, name) is not None]
+        for flag in unread:
+            setattr(settings, flag[2:], None)
+        if unread:
+            notes.append(f"note: this SDXL model's conditioner does not read {', '.join(unread)}: ignored")
 
     def check_clip_skip(self, clip_skip: int) -> None:
         """A one-line UsageError when clip_skip exceeds the text encoder's layers."""

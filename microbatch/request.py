@@ -121,6 +121,12 @@ class GenerationRequest:
     split_guidance: bool = False
     vae_tiling: TileSettings = field(default_factory=TileSettings)
     clip_skip: int = 1
+    # SDXL micro-conditioning (README, "SDXL"); None: the published defaults. Pixels: (height, width), (top, left).
+    original_size: Optional[tuple[int, int]] = None
+    crop_coords: Optional[tuple[int, int]] = None
+    target_size: Optional[tuple[int, int]] = None
+    aesthetic_score: Optional[float] = None
+    negative_aesthetic_score: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -153,8 +159,28 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"--{name[0].upper()} must be positive, got {value}")
+        self._check_micro_conditioning()
         self._check_batching()
         self._check_images()
+
+    def _check_micro_conditioning(self) -> None:
+        for name, least in (("original_size", 1), ("crop_coords", 0), ("target_size", 1)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < least for v in value
+            ):
+                what = "TOP LEFT, two integers >= 0" if name == "crop_coords" else "H W, two positive integers"
+                raise UsageError(f"--{name} must be {what}, got {value!r}")
+            object.__setattr__(self, name, (int(value[0]), int(value[1])))
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            _finite(name, getattr(self, name))
+
+    def micro_conditioning_given(self) -> list[str]:
+        """The SDXL micro-conditioning flags this request sets (for the message when the model is not SDXL)."""
+        names = ("original_size", "crop_coords", "target_size", "aesthetic_score", "negative_aesthetic_score")
+        return [f"--{name}" for name in names if getattr(self, name) is not None]
 
     def _check_batching(self) -> None:
         size = self.max_batch_size
@@ -217,6 +243,8 @@ class GenerationRequest:
             sampler=self.sampler, steps=self.steps, schedule=self.schedule, eta=float(self.eta), guidance_scale=float(scale),
             height=height, width=width, channels=channels, factor=factor, max_batch_size=max_batch_size,
             split_guidance=self.split_guidance, strength=self.strength, clip_skip=self.clip_skip,
+            original_size=self.original_size, crop_coords=self.crop_coords, target_size=self.target_size,
+            aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
         )
 
     def with_changes(self, **changes: Any) -> "GenerationRequest":

@@ -36,11 +36,26 @@ def _cat_cond(a: Any, b: Any) -> Any:
     raise ValueError(f"cannot batch conditioning of type {type(a).__name__}")
 
 
+def _length_key(context: Any) -> tuple:
+    """Rows that may share a UNet call have equal keys: the context's shape (SDXL: the shape of its crossattn)."""
+    if isinstance(context, dict):
+        return tuple(context["crossattn"].shape)
+    return tuple(context.shape)
+
+
+def _stack(contexts: Sequence[Any]) -> Any:
+    """Context rows -> a batch: tensors stacked, or (SDXL) dicts of rows -> a dict of stacked rows."""
+    if isinstance(contexts[0], dict):
+        return {k: torch.stack([c[k] for c in contexts]) for k in contexts[0]}
+    return torch.stack(list(contexts))
+
+
 @dataclass(frozen=True)
 class StepConditioning:
     """The contexts of one denoiser call for a batch of B images.
 
-    cond: R >= B context rows, each [L_r, C] (L_r a multiple of 77 for CLIP prompts).
+    cond: R >= B context rows, each [L_r, C] (L_r a multiple of 77 for CLIP prompts), or for SDXL each a dict
+        {"crossattn": [77, C], "vector": [adm]} (the UNet then receives the dict of stacked rows).
     parts: for each image, [(index into cond, weight), ...]: its composable parts (one part of weight 1 is an
         ordinary prompt).
     uncond: B context rows [L_b, C], one per image, or None (no guidance and no composable parts).
@@ -159,16 +174,16 @@ class GuidedModel:
         (in order of first appearance), rows of equal length batched in their original order."""
         groups: dict[tuple, list[int]] = {}
         for n, context in enumerate(contexts):
-            groups.setdefault(tuple(context.shape), []).append(n)
+            groups.setdefault(_length_key(context), []).append(n)
         if len(groups) == 1 and owner == list(range(x_t.shape[0])):
-            return self.apply_model(x_t, t, torch.stack(contexts))
+            return self.apply_model(x_t, t, _stack(contexts))
         if len(groups) == 1:
             index = torch.tensor(owner, device=x_t.device)
-            return self.apply_model(x_t[index], t[index], torch.stack(contexts))
+            return self.apply_model(x_t[index], t[index], _stack(contexts))
         out: Optional[torch.Tensor] = None
         for rows in groups.values():
             index = torch.tensor([owner[n] for n in rows], device=x_t.device)
-            part = self.apply_model(x_t[index], t[index], torch.stack([contexts[n] for n in rows]))
+            part = self.apply_model(x_t[index], t[index], _stack([contexts[n] for n in rows]))
             if out is None:
                 out = part.new_empty((len(contexts), *part.shape[1:]))
             out[torch.tensor(rows, device=part.device)] = part
