@@ -74,6 +74,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})"
 
 
+class _Repeatable(argparse.Action):
+    """A repeatable flag collecting its values in a list (argparse's "append" would append to any default,
+    including the marker `explicit_flags` sets)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Optional[str] = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*(current if isinstance(current, list) else []), values])
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block) and exit code 2."""
 
@@ -114,6 +123,8 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     )
     g.add_argument("--seed", type=int, default=42, help="seed of image 0; image i uses seed + i")
     g.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
+    g.add_argument("--lora", type=str, action=_Repeatable, default=None, metavar="FILE[:WEIGHT]", help="merge a LoRA / LyCORIS file into the model for this run (repeatable); FILE:TE:UNET weights the text encoder and the UNet apart, a name without a file is looked up in --lora_dir. Prompts may also say <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>")
+    g.add_argument("--lora_dir", type=str, default="models/Lora", help="where <lora:NAME:...> prompt tags find their files (NAME.safetensors, .pt or .ckpt, searched recursively)")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
 
     g = p.add_argument_group("size and count")
@@ -192,6 +203,25 @@ def _int_or_auto(value: Optional[str]) -> Any:
         raise UsageError(f"--max_batch_size must be a positive integer or auto, got {value!r}") from None
 
 
+def parse_lora_flag(value: str) -> tuple[str, float, Optional[float]]:
+    """`--lora FILE[:WEIGHT]` or `FILE:TE:UNET` -> (file, unet weight, te weight or None for the unet weight).
+    Only trailing numbers are weights, so a path with colons (C:\\loras\\x.safetensors) stays whole."""
+    parts = value.split(":")
+    weights: list[float] = []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            weights.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    if not path:
+        raise UsageError(f"--lora takes FILE[:WEIGHT] or FILE:TE:UNET, got {value!r}")
+    if len(weights) == 2:
+        return path, weights[1], weights[0]
+    return path, weights[0] if weights else 1.0, None
+
+
 def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """GenerationRequest fields from the flags (nothing checked yet; the request checks)."""
     if args.plms and args.sampler not in (None, "plms"):
@@ -201,6 +231,7 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         seed=args.seed, fixed_code=args.fixed_code, sampler="plms" if args.plms else (args.sampler or "ddim"), steps=args.ddim_steps,
         schedule=args.schedule, eta=args.ddim_eta, scale=args.scale, max_batch_size=_int_or_auto(args.max_batch_size),
         max_memory=args.max_memory, split_guidance=args.split_guidance, clip_skip=args.clip_skip,
+        loras=tuple(parse_lora_flag(v) for v in args.lora or ()), lora_dir=args.lora_dir,
     )
     if mode in ("img2img", "inpaint"):
         fields.update(init_image=args.init_img or None, strength=args.strength)

@@ -21,9 +21,11 @@ _FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def png_parameters(
-    job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None
+    job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None,
+    lora_hashes: str = "",
 ) -> str:
-    """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI)."""
+    """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI;
+    `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty)."""
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler}",
@@ -42,6 +44,8 @@ def png_parameters(
     fields += [f"Eta: {settings.eta:g}", f"Precision: {precision}"]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
+    if lora_hashes:
+        fields.append('Lora hashes: "' + lora_hashes.replace("\\", "\\\\").replace('"', '\\"') + '"')
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
@@ -114,7 +118,7 @@ _NAME_SUFFIXES = ("Karras", "Exponential")  # old combined names, "DPM++ 2M Karr
 # Keys this program reads (or knowingly ignores: names, hashes and versions that do not change the pixels).
 KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
-    "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version",
+    "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Lora hashes",
 })
 
 

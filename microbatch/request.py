@@ -121,6 +121,8 @@ class GenerationRequest:
     split_guidance: bool = False
     vae_tiling: TileSettings = field(default_factory=TileSettings)
     clip_skip: int = 1
+    loras: tuple[tuple[str, float, float], ...] = ()
+    lora_dir: str = "models/Lora"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -155,6 +157,33 @@ class GenerationRequest:
                 raise UsageError(f"--{name[0].upper()} must be positive, got {value}")
         self._check_batching()
         self._check_images()
+        self._check_loras()
+
+    def _check_loras(self) -> None:
+        """Normalise `loras` to ((file, unet weight, te weight), ...): an entry may be a path, (path,),
+        (path, weight) or (path, unet weight, te weight or None); a path that is no file is looked up by name in
+        `lora_dir` as a prompt tag would be."""
+        from microbatch.lora import find_lora
+
+        object.__setattr__(self, "lora_dir", str(self.lora_dir))
+        if isinstance(self.loras, (str, Path)) or not isinstance(self.loras, (list, tuple)):
+            raise UsageError(f"loras must be a list of (file, weight) pairs, got {self.loras!r}")
+        out = []
+        for entry in self.loras:
+            entry = (entry,) if isinstance(entry, (str, Path)) else tuple(entry)
+            if not 1 <= len(entry) <= 3 or not isinstance(entry[0], (str, Path)):
+                raise UsageError(f"--lora takes FILE[:WEIGHT] (Python: (file, weight) or (file, unet weight, te weight)), got {entry!r}")
+            unet = entry[1] if len(entry) > 1 else 1.0
+            te = entry[2] if len(entry) > 2 and entry[2] is not None else unet
+            for w in (unet, te):
+                _finite("lora", w, "a finite weight")
+            path = Path(entry[0])
+            if not path.is_file():
+                path = find_lora(str(entry[0]), self.lora_dir) or path
+            if not path.is_file():
+                raise UsageError(f"--lora {entry[0]}: no such file (nor a LoRA of that name in --lora_dir {self.lora_dir})")
+            out.append((str(path), float(unet), float(te)))
+        object.__setattr__(self, "loras", tuple(out))
 
     def _check_batching(self) -> None:
         size = self.max_batch_size
