@@ -30,7 +30,7 @@ from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.images import next_number, save_grid, save_png_atomic
 from microbatch.job import item_path, job_settings
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, file_hash, find_vae_beside, load_model
-from microbatch.parameters import FLAG_OF, read_png_settings
+from microbatch.parameters import FLAG_OF, lora_hash_notes, read_png_settings
 from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
 from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, prepare_job, rank_device, run_job, set_cpu_threads
 from microbatch.request import GenerationRequest, ModelOptions, UsageError, read_prompt_file
@@ -269,6 +269,7 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
     if args.from_file:
         raise UsageError("--from_png regenerates one PNG's prompt: it cannot be combined with --from-file")
     notes.extend(png.notes)
+    notes.extend(lora_hash_notes(png.lora_hashes, request.get("lora_dir", "models/Lora")))
     if png.hires:
         notes.append(f"note: {args.from_png} used hires fix, which is not supported yet: regenerating its first pass only")
     overridden = []

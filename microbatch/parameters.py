@@ -156,6 +156,30 @@ class PngSettings:
     made_by: str = "txt2img"  # "img2img" when the text has a Denoising strength (and no hires fix)
     hires: bool = False
     notes: list[str] = field(default_factory=list)  # for the user: settings not used, schedules replaced
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # `Lora hashes`: name in the prompt -> short hash
+
+
+def parse_lora_hashes(value: str) -> dict[str, str]:
+    """`name: 0123456789ab, other: ...` (the web UI's `Lora hashes` value, unquoted) -> {name: hash}."""
+    out = {}
+    for part in value.split(","):
+        name, sep, digest = part.rpartition(":")
+        if sep and name.strip() and digest.strip():
+            out[name.strip()] = digest.strip()
+    return out
+
+
+def lora_hash_notes(hashes: dict[str, str], lora_dir: Union[str, Path]) -> list[str]:
+    """One note naming the LoRAs whose file in `lora_dir` is not the one a PNG was made with (its `Lora hashes`
+    differ); missing files are noted by the pipeline when it meets their tags."""
+    from microbatch.lora import find_lora, lora_hash
+
+    differ = []
+    for name, digest in hashes.items():
+        path = find_lora(name, lora_dir)
+        if path is not None and not lora_hash(path).startswith(digest.lower()):
+            differ.append(f"{name} ({path}: {lora_hash(path)[:len(digest)]}, PNG: {digest})")
+    return [f"note: LoRA files differ from those the PNG was made with, the image will too: {'; '.join(differ)}"] if differ else []
 
 
 def read_png_settings(path: Union[str, Path]) -> PngSettings:
@@ -199,6 +223,7 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
         values["precision"] = f["Precision"]
     out.fields = values
     out.model_hash = f.get("Model hash")
+    out.lora_hashes = parse_lora_hashes(f.get("Lora hashes", ""))
     out.hires = any(key.startswith("Hires") for key in f)
     if "strength" in values and not out.hires:
         out.made_by = "img2img"

@@ -199,3 +199,18 @@ def test_scripts_flag_tag_missing_wrong_family_and_from_png(tmp_path, tiny_ckpt,
     assert rc == 2 and wrong == []
     errors = [line for line in out.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "sd2.safetensors" in errors[0] and "SD 2.x" in errors[0]
+
+
+def test_from_png_notes_a_lora_file_that_changed(tmp_path, lora_dir, tiny_model):
+    from microbatch.parameters import lora_hash_notes, png_settings_from_text
+
+    digest = lora_hash(lora_dir / "style.safetensors")[:12]
+    text = f'a cat <lora:style:1>\nSteps: 3, Sampler: Euler a, Seed: 1, Lora hashes: "style: {digest}, gone: 0123456789ab"'
+    png = png_settings_from_text(text)
+    assert png.lora_hashes == {"style": digest, "gone": "0123456789ab"} and not any("Lora hashes" in n for n in png.notes)
+    assert lora_hash_notes(png.lora_hashes, lora_dir) == []
+    other = tmp_path / "Lora"
+    other.mkdir()
+    _write_lora(tiny_model, other / "style.safetensors", seed=7)
+    notes = lora_hash_notes(png.lora_hashes, other)
+    assert len(notes) == 1 and "style" in notes[0] and digest in notes[0] and "gone" not in notes[0]
