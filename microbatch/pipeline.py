@@ -522,7 +522,7 @@ class Pipeline:
         """n images of `prompt` (image i uses seed + i) as PIL images with info["parameters"]. scale None: the
         model's default; width / height None: its native size. Prompts use the web UI's prompt language (README,
         "Prompt syntax"). Other keyword arguments are GenerationRequest fields (clip_skip, n_iter, fixed_code,
-        split_guidance, max_memory, vae_tiling...)."""
+        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir...)."""
         request = GenerationRequest(
             mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, n_samples=n, steps=steps, sampler=sampler,
             schedule=schedule, scale=scale, seed=seed, width=width, height=height, eta=eta, max_batch_size=max_batch_size,

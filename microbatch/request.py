@@ -96,6 +96,10 @@ class GenerationRequest:
     Prompts are in the web UI's prompt language (README, "Prompt syntax"). `clip_skip` N > 1 conditions on the text
     encoder's N-th layer from the end (SD 1.x; no effect on SD 2.x); its upper bound, the encoder's layer count, is
     checked by `Pipeline.plan`.
+
+    `loras`: (file, unet weight, te weight) networks merged for every image (`--lora`; also given as a path or
+    (path, weight), normalised here); `<lora:NAME:W>` tags in the prompts add their own, looked up in `lora_dir`
+    (see `microbatch.lora_jobs`).
     """
 
     mode: Mode = "txt2img"
