@@ -30,7 +30,7 @@ from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.images import next_number, save_grid, save_png_atomic
 from microbatch.job import item_path, job_settings
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, file_hash, find_vae_beside, load_model
-from microbatch.parameters import FLAG_OF, read_png_settings
+from microbatch.parameters import FLAG_OF, lora_hash_notes, read_png_settings
 from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
 from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, prepare_job, rank_device, run_job, set_cpu_threads
 from microbatch.request import GenerationRequest, ModelOptions, UsageError, read_prompt_file
@@ -74,6 +74,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})"
 
 
+class _Repeatable(argparse.Action):
+    """A repeatable flag collecting its values in a list (argparse's "append" would append to any default,
+    including the marker `explicit_flags` sets)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Optional[str] = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*(current if isinstance(current, list) else []), values])
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block) and exit code 2."""
 
@@ -114,6 +123,8 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     )
     g.add_argument("--seed", type=int, default=42, help="seed of image 0; image i uses seed + i")
     g.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
+    g.add_argument("--lora", type=str, action=_Repeatable, default=None, metavar="FILE[:WEIGHT]", help="merge a LoRA / LyCORIS file into the model for this run (repeatable); FILE:TE:UNET weights the text encoder and the UNet apart, a name without a file is looked up in --lora_dir. Prompts may also say <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>")
+    g.add_argument("--lora_dir", type=str, default="models/Lora", help="where <lora:NAME:...> prompt tags find their files (NAME.safetensors, .pt or .ckpt, searched recursively)")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
 
     g = p.add_argument_group("SDXL micro-conditioning (SDXL models only; unset: the published values)")
@@ -203,6 +214,25 @@ def _pair(value: Optional[Sequence[int]]) -> Optional[tuple[int, int]]:
     return None if value is None else (int(value[0]), int(value[1]))
 
 
+def parse_lora_flag(value: str) -> tuple[str, float, Optional[float]]:
+    """`--lora FILE[:WEIGHT]` or `FILE:TE:UNET` -> (file, unet weight, te weight or None for the unet weight).
+    Only trailing numbers are weights, so a path with colons (C:\\loras\\x.safetensors) stays whole."""
+    parts = value.split(":")
+    weights: list[float] = []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            weights.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    if not path:
+        raise UsageError(f"--lora takes FILE[:WEIGHT] or FILE:TE:UNET, got {value!r}")
+    if len(weights) == 2:
+        return path, weights[1], weights[0]
+    return path, weights[0] if weights else 1.0, None
+
+
 def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """GenerationRequest fields from the flags (nothing checked yet; the request checks)."""
     if args.plms and args.sampler not in (None, "plms"):
@@ -214,6 +244,7 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         max_memory=args.max_memory, split_guidance=args.split_guidance, clip_skip=args.clip_skip,
         original_size=_pair(args.original_size), crop_coords=_pair(args.crop_coords), target_size=_pair(args.target_size),
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+        loras=tuple(parse_lora_flag(v) for v in args.lora or ()), lora_dir=args.lora_dir,
     )
     if mode in ("img2img", "inpaint"):
         fields.update(init_image=args.init_img or None, strength=args.strength)
@@ -251,6 +282,7 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
     if args.from_file:
         raise UsageError("--from_png regenerates one PNG's prompt: it cannot be combined with --from-file")
     notes.extend(png.notes)
+    notes.extend(lora_hash_notes(png.lora_hashes, request.get("lora_dir", "models/Lora")))
     if png.hires:
         notes.append(f"note: {args.from_png} used hires fix, which is not supported yet: regenerating its first pass only")
     overridden = []

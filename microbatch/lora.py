@@ -22,6 +22,7 @@ shape at rank 32 and summed: about 3.2 s and 16 s per application on one CPU thr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -415,12 +416,39 @@ def apply_lora(model: torch.nn.Module, path: Union[str, Path], weight: float = 1
         te_weight: multiplier of the text-encoder layers; None means `weight`.
         backup_device: where the originals of the touched weights are kept until the last network is removed.
     Returns a handle whose `remove()` restores the weights. A multiplier of 0 leaves those layers untouched (the
-    weights stay bit-identical). File keys that match no layer are logged in one warning; a file made for another
-    model family (SDXL, another text width) raises a one-line ValueError naming the file and both families.
+    weights stay bit-identical). File keys that match no layer are logged in one warning (once per file and
+    process); a file made for another model family (SDXL, another text width) raises a one-line ValueError naming
+    the file and both families.
     """
     path = Path(path)
     te_weight = weight if te_weight is None else te_weight
-    state_dict, metadata = _read(path)
+    patches = _prepare(model, path, weight, te_weight)
+    params = dict(model.named_parameters())
+    handle = LoraHandle(path, float(weight), float(te_weight), len({p.param for p in patches}), weakref.ref(model), patches)
+    state = _STATES.setdefault(model, _ModelState())
+    touched = {p.param for p in patches}
+    with torch.no_grad():
+        for name in touched:
+            if name not in state.originals:
+                state.originals[name] = params[name].detach().to(backup_device, copy=True)
+    state.applied.append(handle)
+    _rewrite(model, state, touched)
+    return handle
+
+
+def check_lora(model: torch.nn.Module, path: Union[str, Path]) -> int:
+    """Every check `apply_lora` makes (readable file, LoRA layers, model family, layer shapes) without changing
+    the model: raises the same one-line ValueError, logs the same unmatched-keys warning. Returns the number of
+    model weights the file changes. For a run that must fail before its first image."""
+    return len({p.param for p in _prepare(model, Path(path), 1.0, 1.0)})
+
+
+_WARNED: set[tuple[str, int, int]] = set()  # (file, size, mtime) whose unmatched keys were logged
+
+
+def _prepare(model: torch.nn.Module, path: Path, weight: float, te_weight: float) -> list[_Patch]:
+    """Read and check the file; its patches for the given multipliers (deltas computed lazily)."""
+    state_dict, metadata = _read(path)  # CheckpointError (a ValueError) for a file that is no checkpoint
     groups, unknown = _group(state_dict)
     if not groups:
         raise ValueError(f"{path}: no LoRA / LyCORIS layers found (keys like {sorted(state_dict)[:3]})")
@@ -449,17 +477,12 @@ def apply_lora(model: torch.nn.Module, path: Union[str, Path], weight: float = 1
             continue
         patches.append(_Patch(target.param, target.rows, _scaled_delta(factors, shape, multiplier, f"{path}: {name}")))
     if unmatched:
-        logger.warning("%s: %d keys match no layer of the model, ignored: %s%s", path, len(unmatched), ", ".join(unmatched[:5]), " ..." if len(unmatched) > 5 else "")
-    handle = LoraHandle(path, float(weight), float(te_weight), len({p.param for p in patches}), weakref.ref(model), patches)
-    state = _STATES.setdefault(model, _ModelState())
-    touched = {p.param for p in patches}
-    with torch.no_grad():
-        for name in touched:
-            if name not in state.originals:
-                state.originals[name] = params[name].detach().to(backup_device, copy=True)
-    state.applied.append(handle)
-    _rewrite(model, state, touched)
-    return handle
+        stat = path.stat()
+        seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if seen not in _WARNED:
+            _WARNED.add(seen)
+            logger.warning("%s: %d keys match no layer of the model, ignored: %s%s", path, len(unmatched), ", ".join(unmatched[:5]), " ..." if len(unmatched) > 5 else "")
+    return patches
 
 
 def _scaled_delta(factors: dict[str, torch.Tensor], shape: torch.Size, multiplier: float, where: str) -> Callable[[], torch.Tensor]:
@@ -558,8 +581,16 @@ def find_lora(name: str, lora_dir: Union[str, Path] = DEFAULT_LORA_DIR) -> Optio
 
 def lora_hash(path: Union[str, Path]) -> str:
     """The web UI's LoRA hash, full sha256 hex: for .safetensors the sha256 of the bytes after the header (kohya's
-    "addnet" hash, unchanged by editing the metadata), for other files the sha256 of the whole file."""
+    "addnet" hash, unchanged by editing the metadata), for other files the sha256 of the whole file. Remembered
+    per (file, size, modification time), since a run writes it into every image's parameters."""
     path = Path(path)
+    stat = path.stat()
+    return _file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_hash(name: str, size: int, mtime_ns: int) -> str:
+    path = Path(name)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if path.suffix.lower() == ".safetensors":

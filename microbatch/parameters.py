@@ -21,9 +21,11 @@ _FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def png_parameters(
-    job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None
+    job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None,
+    lora_hashes: str = "",
 ) -> str:
-    """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI)."""
+    """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI;
+    `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty)."""
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler}",
@@ -43,6 +45,8 @@ def png_parameters(
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
     fields += micro_conditioning_fields(settings)
+    if lora_hashes:
+        fields.append('Lora hashes: "' + lora_hashes.replace("\\", "\\\\").replace('"', '\\"') + '"')
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
@@ -143,7 +147,7 @@ _NAME_SUFFIXES = ("Karras", "Exponential")  # old combined names, "DPM++ 2M Karr
 KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
     "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Original size", "Crop coords",
-    "Target size", "Aesthetic score", "Negative aesthetic score",
+    "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes",
 })
 
 
@@ -181,6 +185,30 @@ class PngSettings:
     made_by: str = "txt2img"  # "img2img" when the text has a Denoising strength (and no hires fix)
     hires: bool = False
     notes: list[str] = field(default_factory=list)  # for the user: settings not used, schedules replaced
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # `Lora hashes`: name in the prompt -> short hash
+
+
+def parse_lora_hashes(value: str) -> dict[str, str]:
+    """`name: 0123456789ab, other: ...` (the web UI's `Lora hashes` value, unquoted) -> {name: hash}."""
+    out = {}
+    for part in value.split(","):
+        name, sep, digest = part.rpartition(":")
+        if sep and name.strip() and digest.strip():
+            out[name.strip()] = digest.strip()
+    return out
+
+
+def lora_hash_notes(hashes: dict[str, str], lora_dir: Union[str, Path]) -> list[str]:
+    """One note naming the LoRAs whose file in `lora_dir` is not the one a PNG was made with (its `Lora hashes`
+    differ); missing files are noted by the pipeline when it meets their tags."""
+    from microbatch.lora import find_lora, lora_hash
+
+    differ = []
+    for name, digest in hashes.items():
+        path = find_lora(name, lora_dir)
+        if path is not None and not lora_hash(path).startswith(digest.lower()):
+            differ.append(f"{name} ({path}: {lora_hash(path)[:len(digest)]}, PNG: {digest})")
+    return [f"note: LoRA files differ from those the PNG was made with, the image will too: {'; '.join(differ)}"] if differ else []
 
 
 def read_png_settings(path: Union[str, Path]) -> PngSettings:
@@ -233,6 +261,7 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
         values["precision"] = f["Precision"]
     out.fields = values
     out.model_hash = f.get("Model hash")
+    out.lora_hashes = parse_lora_hashes(f.get("Lora hashes", ""))
     out.hires = any(key.startswith("Hires") for key in f)
     if "strength" in values and not out.hires:
         out.made_by = "img2img"

@@ -31,6 +31,8 @@ from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
 from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings, is_sdxl
 from microbatch.images import load_init_image, to_uint8
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
+from microbatch.lora import applied_loras, check_lora, lora_hashes, set_loras
+from microbatch.lora_jobs import JobLoras, group_by_set, prompt_with_flag_loras, resolve_jobs
 from microbatch.memory import choose_batch_size, default_max_batch_size, measure_memory_model, memory_budget
 from microbatch.metrics import RunMetrics
 from microbatch.offload import apply_offload
@@ -48,12 +50,19 @@ SCRIPT_SCALE = {"txt2img": 7.5, "img2img": 5.0, "inpaint": 5.0}
 @dataclass
 class Plan:
     """What `Pipeline.plan` decided: the images, the engine's settings, the sampler steps each micro-batch runs,
-    and notes for the user (sizes rounded, steps img2img re-runs...)."""
+    notes for the user (sizes rounded, steps img2img re-runs...), and each image's LoRAs (aligned with `jobs`;
+    empty when no image uses one)."""
 
     jobs: list[ImageJob]
     settings: SamplingSettings
     steps_run: int
     notes: list[str] = field(default_factory=list)
+    loras: list[JobLoras] = field(default_factory=list)
+
+    @property
+    def engine_jobs(self) -> list[ImageJob]:
+        """The jobs as the engine encodes them: LoRA tags removed from the prompts."""
+        return [item.job for item in self.loras] if self.loras else self.jobs
 
 
 @dataclass
@@ -271,7 +280,15 @@ class Pipeline:
                 )
             else:
                 notes.append(f"{request.mode}: --strength {request.strength:g} re-runs {steps} of {request.steps} steps")
-        return Plan(jobs, settings, steps, notes)
+        try:
+            loras, missing = resolve_jobs(jobs, request.loras, request.lora_dir)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if missing:
+            notes.append(f"note: LoRA not found in --lora_dir {request.lora_dir}, skipped: {', '.join(missing)}")
+        if not any(item.loras or item.job is not job for item, job in zip(loras, jobs)):
+            loras = []
+        return Plan(jobs, settings, steps, notes, loras)
 
     def check_micro_conditioning(self, request: GenerationRequest, settings: SamplingSettings, notes: list[str]) -> None:
         """A one-line UsageError for SDXL micro-conditioning flags on another model; on an SDXL model, the flags
@@ -303,7 +320,7 @@ class Pipeline:
     def auto_batch_size(self, engine: Engine, plan: Plan, request: GenerationRequest) -> int:
         """max_batch_size "auto": measure the memory model on the real engine and return the largest micro-batch
         (at most the plan's images and n_samples) that fits the budget (`max_memory` GB, else the free memory)."""
-        model = measure_memory_model(engine, plan.settings, plan.jobs[:2])
+        model = measure_memory_model(engine, plan.settings, plan.engine_jobs[:2])
         budget = memory_budget(self.device, self.model, request.max_memory)
         size = choose_batch_size(model, budget, min(len(plan.jobs), request.n_samples))
         self.on_note(f"--max_batch_size auto: {size} images per micro-batch for a budget of {budget / 2**30:.2f} GB ({model.describe()})")
@@ -397,15 +414,30 @@ class Pipeline:
             if self._cancel.is_set():
                 raise Interrupted()
 
+        # Images are handed out in job order: with LoRAs, a later set's group may finish an image before an
+        # earlier image of another set, which then waits here.
+        order = {job.index: pos for pos, job in enumerate(plan.jobs)}
+        pending: dict[int, GeneratedImage] = {}
+        next_pos = 0
+
+        def emit(image: GeneratedImage) -> None:
+            images.append(image)
+            if on_image is not None:
+                on_image(image)
+            self._set_progress(Progress("running", len(images), total, 0, plan.steps_run))
+            if callback is not None:
+                callback(ProgressEvent("image", len(images), total, plan.steps_run, plan.steps_run, -1, image))
+
         def on_batch(batch: list[FinishedImage]) -> None:
+            nonlocal next_pos
             for done in batch:
-                image = GeneratedImage(done.job, to_uint8(done.image), done.latent, self.parameters(done.job, settings))
-                images.append(image)
-                if on_image is not None:
-                    on_image(image)
-                self._set_progress(Progress("running", len(images), total, 0, plan.steps_run))
-                if callback is not None:
-                    callback(ProgressEvent("image", len(images), total, plan.steps_run, plan.steps_run, -1, image))
+                pos = order[done.job.index]
+                job = plan.jobs[pos]
+                parameters = self.parameters(job, settings, plan.loras[pos] if plan.loras else None, request.loras)
+                pending[pos] = GeneratedImage(job, to_uint8(done.image), done.latent, parameters)
+            while next_pos in pending:
+                emit(pending.pop(next_pos))
+                next_pos += 1
             metrics.batch_done(len(batch))
 
         engine.step_callback = on_step
@@ -413,15 +445,52 @@ class Pipeline:
         metrics.start()
         interrupted = False
         try:
-            metrics.final_max_batch_size = engine.run(plan.jobs, settings, on_batch)
+            metrics.final_max_batch_size = self._run_groups(engine, plan, on_batch)
         except Interrupted:
             interrupted = metrics.interrupted = True
+            for pos in sorted(pending):  # finished images of other LoRA sets
+                emit(pending.pop(pos))
         metrics.finish(self.device)
         return RunResult(images, plan, metrics, interrupted)
 
-    def parameters(self, job: ImageJob, settings: SamplingSettings) -> str:
+    def _run_groups(self, engine: Engine, plan: Plan, on_batch: Callable[[list[FinishedImage]], None]) -> int:
+        """Run the plan's images one LoRA set at a time (`microbatch.lora_jobs`), merging each set into the model
+        on top of the networks already applied before the run, and taking the run's networks out again at the
+        end, also on errors and cancel. Every file is checked before the first image. Returns the final
+        micro-batch size."""
+        settings = plan.settings
+        if not any(item.loras for item in plan.loras):
+            return engine.run(plan.engine_jobs, settings, on_batch)
+        base = [(h.path, h.weight, h.te_weight) for h in applied_loras(self.model)]
+        try:
+            for path in sorted({spec[0] for item in plan.loras for spec in item.loras}):
+                check_lora(self.model, path)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        applied: tuple = ()
+        try:
+            for loras, positions in group_by_set(plan.loras):
+                if loras != applied:
+                    set_loras(self.model, base + list(loras))
+                    # cached text conditioning was encoded under the previous set's text-encoder weights
+                    engine._cond_cache.clear()
+                    applied = loras
+                    logger.info("LoRA set for %d images: %s", len(positions), ", ".join(f"{Path(p).name} (unet {u:g}, te {t:g})" for p, u, t in loras) or "none")
+                settings.max_batch_size = engine.run([plan.loras[i].job for i in positions], settings, on_batch)
+        finally:
+            if applied:
+                set_loras(self.model, base)
+        return settings.max_batch_size
+
+    def parameters(self, job: ImageJob, settings: SamplingSettings, loras: Optional[JobLoras] = None, flag_loras: Any = ()) -> str:
+        """The image's parameters text: its prompt with its LoRA tags (and the `--lora` files as tags) and, when
+        it used LoRAs, their `Lora hashes`."""
         loaded = self.loaded
-        return png_parameters(job, settings, loaded.model_hash, self.options.precision, loaded.vae_hash, loaded.vae_name)
+        hashes = ""
+        if loras is not None and loras.named:
+            job = replace(job, prompt=prompt_with_flag_loras(job.prompt, flag_loras))
+            hashes = lora_hashes(list(dict.fromkeys(loras.named)))
+        return png_parameters(job, settings, loaded.model_hash, self.options.precision, loaded.vae_hash, loaded.vae_name, lora_hashes=hashes)
 
     def _metrics_settings(self, request: GenerationRequest, plan: Plan) -> dict[str, Any]:
         """The run's settings as plain JSON values."""
@@ -475,7 +544,7 @@ class Pipeline:
         """n images of `prompt` (image i uses seed + i) as PIL images with info["parameters"]. scale None: the
         model's default; width / height None: its native size. Prompts use the web UI's prompt language (README,
         "Prompt syntax"). Other keyword arguments are GenerationRequest fields (clip_skip, n_iter, fixed_code,
-        split_guidance, max_memory, vae_tiling...)."""
+        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir...)."""
         request = GenerationRequest(
             mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, n_samples=n, steps=steps, sampler=sampler,
             schedule=schedule, scale=scale, seed=seed, width=width, height=height, eta=eta, max_batch_size=max_batch_size,

@@ -96,6 +96,10 @@ class GenerationRequest:
     Prompts are in the web UI's prompt language (README, "Prompt syntax"). `clip_skip` N > 1 conditions on the text
     encoder's N-th layer from the end (SD 1.x; no effect on SD 2.x); its upper bound, the encoder's layer count, is
     checked by `Pipeline.plan`.
+
+    `loras`: (file, unet weight, te weight) networks merged for every image (`--lora`; also given as a path or
+    (path, weight), normalised here); `<lora:NAME:W>` tags in the prompts add their own, looked up in `lora_dir`
+    (see `microbatch.lora_jobs`).
     """
 
     mode: Mode = "txt2img"
@@ -127,6 +131,8 @@ class GenerationRequest:
     target_size: Optional[tuple[int, int]] = None
     aesthetic_score: Optional[float] = None
     negative_aesthetic_score: Optional[float] = None
+    loras: tuple[tuple[str, float, float], ...] = ()
+    lora_dir: str = "models/Lora"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -162,6 +168,33 @@ class GenerationRequest:
         self._check_micro_conditioning()
         self._check_batching()
         self._check_images()
+        self._check_loras()
+
+    def _check_loras(self) -> None:
+        """Normalise `loras` to ((file, unet weight, te weight), ...): an entry may be a path, (path,),
+        (path, weight) or (path, unet weight, te weight or None); a path that is no file is looked up by name in
+        `lora_dir` as a prompt tag would be."""
+        from microbatch.lora import find_lora
+
+        object.__setattr__(self, "lora_dir", str(self.lora_dir))
+        if isinstance(self.loras, (str, Path)) or not isinstance(self.loras, (list, tuple)):
+            raise UsageError(f"loras must be a list of (file, weight) pairs, got {self.loras!r}")
+        out = []
+        for entry in self.loras:
+            entry = (entry,) if isinstance(entry, (str, Path)) else tuple(entry)
+            if not 1 <= len(entry) <= 3 or not isinstance(entry[0], (str, Path)):
+                raise UsageError(f"--lora takes FILE[:WEIGHT] (Python: (file, weight) or (file, unet weight, te weight)), got {entry!r}")
+            unet = entry[1] if len(entry) > 1 else 1.0
+            te = entry[2] if len(entry) > 2 and entry[2] is not None else unet
+            for w in (unet, te):
+                _finite("lora", w, "a finite weight")
+            path = Path(entry[0])
+            if not path.is_file():
+                path = find_lora(str(entry[0]), self.lora_dir) or path
+            if not path.is_file():
+                raise UsageError(f"--lora {entry[0]}: no such file (nor a LoRA of that name in --lora_dir {self.lora_dir})")
+            out.append((str(path), float(unet), float(te)))
+        object.__setattr__(self, "loras", tuple(out))
 
     def _check_micro_conditioning(self) -> None:
         for name, least in (("original_size", 1), ("crop_coords", 0), ("target_size", 1)):

@@ -311,7 +311,8 @@ def test_webui_parameters_give_the_right_request_and_one_note():
     assert request == expected
     assert png.model_hash == "6ce0161689"
     assert len(png.notes) == 1
-    assert png.notes[0] == 'note: cat.png: settings not used here: ENSD: 31337; Lora hashes: style: 1a2b3c, other: 4d5e6f'
+    assert png.notes[0] == 'note: cat.png: settings not used here: ENSD: 31337'
+    assert png.lora_hashes == {"style": "1a2b3c", "other": "4d5e6f"}  # read: checked against --lora_dir's files
     # a schedule type we do not have: the sampler's Automatic, with a note
     odd = png_settings_from_text("x\nSteps: 4, Sampler: DPM++ SDE, Schedule type: SGM Uniform, Seed: 1")
     assert odd.fields["schedule"] == "karras" and "SGM Uniform" in odd.notes[0]
