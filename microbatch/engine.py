@@ -194,6 +194,10 @@ class Engine:
     _warned_vae: bool = False
 
     # -- conditioning --
+    def clear_conditioning(self) -> None:
+        """Forget the cached text conditioning (after the text encoder's weights changed, e.g. another LoRA set)."""
+        self._cond_cache.clear()
+
     def prompt_schedule(
         self, text: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None, negative: bool = False
     ) -> list[ScheduledPromptConditioning]:

@@ -473,7 +473,7 @@ class Pipeline:
                 if loras != applied:
                     set_loras(self.model, base + list(loras))
                     # cached text conditioning was encoded under the previous set's text-encoder weights
-                    engine._cond_cache.clear()
+                    engine.clear_conditioning()
                     applied = loras
                     logger.info("LoRA set for %d images: %s", len(positions), ", ".join(f"{Path(p).name} (unet {u:g}, te {t:g})" for p, u, t in loras) or "none")
                 settings.max_batch_size = engine.run([plan.loras[i].job for i in positions], settings, on_batch)
