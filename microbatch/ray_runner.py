@@ -83,7 +83,8 @@ def connect(address: str, workers: int) -> Any:
     ray = import_ray()
     if not ray.is_initialized():
         if address == "local":
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # A local instance listens on the loopback address only.
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return ray

@@ -41,10 +41,11 @@ def test_a_worker_that_dies_loses_nothing(tmp_path, tiny_ckpt, monkeypatch, caps
 
     from microbatch.ray_runner import actor_name
 
+    ray.shutdown()  # a fresh local instance for this job (an earlier test's may still be up)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     batch_gen = load_script("batch_gen")
-    slow = ["--ddim_steps", "60", "--n_samples", "8"]
+    slow = ["--ddim_steps", "300", "--n_samples", "8"]  # long enough (about 10 s) to kill a worker mid-job
     assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", "one"]) == 0
     killed, errors = [], []
 
