@@ -421,6 +421,8 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
         import_ray()  # one line naming the install command when Ray is missing
         if rank.distributed:
             raise UsageError("--ray runs the job on a Ray cluster: start it with python, not torchrun")
+        if args.skip_save:
+            raise UsageError("--ray runs a job whose actors save every image: it cannot be combined with --skip_save")
         if args.ray_workers < 1 or not args.ray_gpus_per_worker >= 0:
             raise UsageError(f"--ray_workers must be a positive integer and --ray_gpus_per_worker >= 0, got {args.ray_workers} and {args.ray_gpus_per_worker}")
     lead = rank.rank == 0
@@ -436,7 +438,13 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
     vae = Path(cmd.options.vae) if cmd.options.vae else find_vae_beside(ckpt)
     settings = job_settings(cmd.request, file_hash(ckpt), cmd.options.precision, file_hash(vae) if vae else None)
     outdir = Path(cmd.output.outdir)
-    todo = prepare_job(rank, outdir, cmd.request, settings, args.resume, note)
+    if cmd.output.skip_save:
+        # A speed measurement: no files, no manifest, so no job to record or resume; every rank makes its share.
+        if args.resume:
+            raise UsageError("--resume completes a job's files: it cannot be combined with --skip_save")
+        todo = cmd.request.jobs()
+    else:
+        todo = prepare_job(rank, outdir, cmd.request, settings, args.resume, note)
     if not todo:
         note(f"nothing to do: all {len(cmd.request.jobs())} images of the job in {outdir} are done")
         return 0
@@ -451,7 +459,7 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
         start = time.perf_counter()
         with stop:
             try:
-                report = run_job(pipeline, rank, cmd.request, outdir, todo, callback=progress.event)
+                report = run_job(pipeline, rank, cmd.request, outdir, todo, callback=progress.event, save_images=not cmd.output.skip_save)
             finally:
                 progress.close()
         reports = gather(rank, report)
@@ -477,6 +485,8 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
     if metrics.interrupted:
         name = signal.Signals(signum).name if signum else "cancel"
         print(f"Stopped by {name} after {metrics.images} new images; {len(finished)} of {len(items)} are in {outdir} (--resume completes the job)")
+    elif out.skip_save:
+        print(f"Made {metrics.images} images; nothing saved (--skip_save)\n")
     else:
         print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
     print(metrics.report())

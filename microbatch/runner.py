@@ -210,9 +210,10 @@ def run_job(
     outdir: Path,
     todo: list[ImageJob],
     callback: Optional[Callable] = None,
+    save_images: bool = True,
 ) -> RankReport:
     """Claim micro-batches of `todo` until none is left (or the pipeline is cancelled), saving each image under its
-    item's name and appending its manifest line."""
+    item's name and appending its manifest line (`save_images` False: neither, for speed measurements)."""
     samples = outdir / "samples"
     manifest = Manifest(outdir)
     batch = request.max_batch_size
@@ -228,10 +229,12 @@ def run_job(
 
     def save(image: GeneratedImage) -> None:
         nonlocal last
-        path = save_png_atomic(image.array, samples, image.job.index, SAMPLE_NAME, text={"parameters": image.parameters}, replace=True)
+        if save_images:
+            path = save_png_atomic(image.array, samples, image.job.index, SAMPLE_NAME, text={"parameters": image.parameters}, replace=True)
+            job = image.job
+            line = ManifestLine(job.index, job.prompt, job.negative_prompt, job.seed, f"samples/{path.name}", file_sha256(path), rank.name, round(time.perf_counter() - last, 4))
+            manifest.append(line)
         now = time.perf_counter()
-        job = image.job
-        manifest.append(ManifestLine(job.index, job.prompt, job.negative_prompt, job.seed, f"samples/{path.name}", file_sha256(path), rank.name, round(now - last, 4)))
         last = now
         if report.first_image_s is None:
             report.first_image_s = now - start

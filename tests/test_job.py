@@ -150,3 +150,14 @@ def test_a_killed_rank_then_resume_gives_every_item_once(single, tiny_ckpt, tmp_
     shutil.rmtree(single)
     assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", str(single)]) == 0
     assert pixels(outdir) == pixels(single)
+
+
+def test_skip_save_measures_without_files(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    batch_gen = load_script("batch_gen")
+    assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", "s", "--skip_save", "--metrics_json", "m.json"]) == 0
+    assert "nothing saved" in capsys.readouterr().out
+    assert not list((tmp_path / "s").rglob("*.png")) and not (tmp_path / "s" / "manifest.jsonl").exists()
+    assert not (tmp_path / "s" / "job.json").exists()
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == 7
+    assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", "s", "--skip_save", "--resume"]) == 2
