@@ -481,20 +481,11 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
             save_grid(arrays, outdir, grid_columns(out.n_rows, cmd.request.n_samples, len(arrays)))
         else:
             print(f"note: no grid for {len(items)} images (more than {GRID_LIMIT})")
-    signum = stop.signum
-    if metrics.interrupted:
-        name = signal.Signals(signum).name if signum else "cancel"
-        print(f"Stopped by {name} after {metrics.images} new images; {len(finished)} of {len(items)} are in {outdir} (--resume completes the job)")
-    elif out.skip_save:
-        print(f"Made {metrics.images} images; nothing saved (--skip_save)\n")
-    else:
-        print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
-    print(metrics.report())
-    if out.metrics_json:
-        metrics.write_json(Path(out.metrics_json))
-    if metrics.interrupted:
-        return 128 + (signum or signal.SIGINT)
-    return 0
+    return _close_run(
+        metrics, out, stop.signum, metrics.interrupted,
+        f"after {metrics.images} new images; {len(finished)} of {len(items)} are in {outdir} (--resume completes the job)",
+        "(--skip_save)" if out.skip_save else None,
+    )
 
 
 def _run_on_ray(args: argparse.Namespace, cmd: CommandLine, outdir: Path, todo: list, note: Any, stop: "_StopOnSignal") -> tuple[list, float, dict, str]:
@@ -535,20 +526,25 @@ def execute(pipeline: Pipeline, cmd: CommandLine) -> int:
     if not out.skip_grid and grid_images:
         save_grid(grid_images, outdir, grid_columns(out.n_rows, cmd.request.n_samples, len(grid_images)))
     metrics = result.metrics
-    total = len(result.plan.jobs)
-    if result.interrupted:
-        name = signal.Signals(stop.signum).name if stop.signum else "cancel"
-        print(f"Stopped by {name} after {metrics.images} of {total} images; every finished image is saved in {outdir}")
-    elif out.skip_save and out.skip_grid:
-        print(f"Made {metrics.images} images; nothing saved (--skip_save --skip_grid)\n")
+    return _close_run(
+        metrics, out, stop.signum, result.interrupted,
+        f"after {metrics.images} of {len(result.plan.jobs)} images; every finished image is saved in {outdir}",
+        "(--skip_save --skip_grid)" if out.skip_save and out.skip_grid else None,
+    )
+
+
+def _close_run(metrics: Any, out: OutputOptions, signum: Optional[int], interrupted: bool, stopped: str, nothing_saved: Optional[str]) -> int:
+    """The closing lines of every run (how it ended, the metrics, the metrics file) and its exit code."""
+    if interrupted:
+        print(f"Stopped by {signal.Signals(signum).name if signum else 'cancel'} {stopped}")
+    elif nothing_saved:
+        print(f"Made {metrics.images} images; nothing saved {nothing_saved}\n")
     else:
-        print(f"Your samples are ready and waiting for you here:\n{outdir}\n")
+        print(f"Your samples are ready and waiting for you here:\n{out.outdir}\n")
     print(metrics.report())
     if out.metrics_json:
         metrics.write_json(Path(out.metrics_json))
-    if result.interrupted:
-        return 128 + (stop.signum or signal.SIGINT)
-    return 0
+    return 128 + (signum or signal.SIGINT) if interrupted else 0
 
 
 class _StopOnSignal:
