@@ -7,6 +7,11 @@ chosen ranks slower (a sleep of `slowdown - 1` times each micro-batch's own time
 with SIGKILL while the job runs, under `torchrun --max-restarts`. At the end it checks that every item exists
 exactly once in the manifest and as a file, and prints per-rank images, images/s and idle fraction from the job's
 metrics. Nothing here is used by the scripts; it is a measurement.
+
+    python scripts/scaleout_sim.py --costs
+
+measures instead the per-operation costs the README's scaling analysis uses: a queue claim (one `TCPStore.add`
+round trip on the loopback) and a locked manifest append (in `--out`), and the bytes of a manifest line.
 """
 from __future__ import annotations
 
@@ -72,6 +77,34 @@ def rank_pids(marker: str) -> dict[int, int]:
     return out
 
 
+def measure_costs(folder: Path, n: int = 3000) -> dict[str, float]:
+    """Microseconds per queue claim and per manifest append, and bytes per manifest line."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from microbatch.job import Manifest, ManifestLine
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
+    client = dist.TCPStore("127.0.0.1", server.port, 1, False, timeout=timedelta(seconds=30))
+    start = time.perf_counter()
+    for _ in range(n):
+        client.add("queue", 8)
+    claim_us = (time.perf_counter() - start) / n * 1e6
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.jsonl").unlink(missing_ok=True)
+    manifest = Manifest(folder)
+    line = ManifestLine(index=123456, prompt="a photograph of an astronaut riding a horse", negative_prompt="", seed=42,
+                        file="samples/123456.png", sha256="0" * 64, rank="rank17", seconds=1.234)
+    start = time.perf_counter()
+    for _ in range(n):
+        manifest.append(line)
+    append_us = (time.perf_counter() - start) / n * 1e6
+    line_bytes = (folder / "manifest.jsonl").stat().st_size / n
+    (folder / "manifest.jsonl").unlink()
+    return {"queue_claim_us": round(claim_us, 1), "manifest_append_us": round(append_us, 1), "manifest_line_bytes": round(line_bytes, 1)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=16)
@@ -84,7 +117,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=str, default="outputs/scaleout-sim")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--verbose", action="store_true", help="the ranks print tracebacks")
+    p.add_argument("--costs", action="store_true", help="only measure a queue claim and a manifest append, and print them")
     args = p.parse_args(argv)
+    if args.costs:
+        print(json.dumps(measure_costs(Path(args.out).resolve() / "costs")))
+        return 0
     rng = random.Random(args.seed)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,78 @@ def test_skip_save_measures_without_files(tmp_path, tiny_ckpt, monkeypatch, caps
     assert not (tmp_path / "s" / "job.json").exists()
     assert json.loads((tmp_path / "m.json").read_text())["images"] == 7
     assert batch_gen.main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", "s", "--skip_save", "--resume"]) == 2
+
+
+def _manifest_matches_files(outdir: Path) -> list[int]:
+    """The indices of the manifest; asserts each line's file is in place with the hash it records."""
+    import hashlib
+
+    lines = manifest(outdir)
+    for line in lines:
+        path = outdir / line["file"]
+        assert path.is_file(), line
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == line["sha256"], line
+    return [line["index"] for line in lines]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launcher_stops_every_rank_and_keeps_finished_images(tiny_ckpt, tmp_path, sig):
+    """SIGINT / SIGTERM to torchrun: the ranks stop after their current step; the images and manifest lines made so
+    far stay whole, and --resume makes only the rest."""
+    outdir = tmp_path / "stopped"
+    slow = ["--ddim_steps", "250", "--n_samples", "10"]
+    proc = _torchrun(tiny_ckpt, outdir, slow, tmp_path)
+    deadline = time.time() + 180
+    sent = False
+    while time.time() < deadline and proc.poll() is None:
+        if (outdir / "manifest.jsonl").is_file() and manifest(outdir) and len(_rank_pids(str(outdir))) == 2:
+            os.kill(proc.pid, sig)  # the launcher only, as a terminal's Ctrl-C or a scheduler's kill would
+            sent = True
+            break
+        time.sleep(0.05)
+    code, out = _finish(proc)
+    assert sent, out[-3000:]
+    assert code != 0, out[-3000:]
+    assert not _rank_pids(str(outdir)), "a rank outlived the launcher"
+    done = _manifest_matches_files(outdir)
+    assert 0 < len(done) < 10 and len(set(done)) == len(done), out[-3000:]
+    assert not list(outdir.rglob(".partial*")) and len(list((outdir / "samples").glob("*.png"))) == len(done)
+    first = {line["index"]: line["sha256"] for line in manifest(outdir)}
+
+    assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, *slow, "--outdir", str(outdir), "--resume"]) == 0
+    indices = _manifest_matches_files(outdir)
+    assert sorted(indices) == list(range(10))  # every item exactly once
+    assert {i: h for i, h in ((line["index"], line["sha256"]) for line in manifest(outdir)) if i in first} == first
+
+
+def test_an_outdir_not_shared_between_nodes_is_refused(tiny_ckpt, tmp_path):
+    """Two torchrun "nodes" on this machine, each in its own folder with a relative --outdir: rank 1 cannot see rank
+    0's files, as on machines without a shared file system, and the job stops at the start with one line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", node[-1],
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "notshared",
+               "--rdzv_conf", "is_host=" + ("1" if node == "node0" else "0"),
+               str(REPO / "scripts" / "batch_gen.py"), "--ckpt", str(tiny_ckpt), *JOB, "--outdir", "out"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MICROBATCH_TEST_JOB": f"notshared-{node}"}
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True))
+    results = [_finish(p, timeout=180) for p in procs]
+    out = "\n".join(o for _, o in results)
+    assert all(code != 0 for code, _ in results), out[-3000:]
+    assert "is not shared between the ranks" in out and "cannot see rank 0's files" in out, out[-3000:]
+    for node in ("node0", "node1"):
+        assert not list((tmp_path / node).rglob("*.png")), out[-3000:]
+
+
+def test_scaleout_costs_are_measured(tmp_path):
+    """The figures behind the README's scaling analysis come from a real store and manifest."""
+    costs = load_script("scaleout_sim").measure_costs(tmp_path, n=50)
+    assert costs["queue_claim_us"] > 0 and costs["manifest_append_us"] > 0
+    assert 150 < costs["manifest_line_bytes"] < 400
+    assert not (tmp_path / "manifest.jsonl").exists()
