@@ -6,12 +6,22 @@ anything else (an image, a web page, a Git LFS pointer) is "not a checkpoint", s
 .ckpt files are unpickled with `torch.load(weights_only=True)`: only tensors and plain containers. Lightning
 checkpoints also pickle training objects (callbacks, loop states); those are replaced by inert placeholders that
 execute nothing, so the weights still load. Anything else that needs arbitrary code to unpickle is refused.
+
+Streaming loads: tensors are read memory-mapped (safetensors through its header, torch zip files through
+`torch.load(mmap=True)`), so reading a file allocates nothing; `load_weights_into` copies them one at a time into
+the model's parameters (converting the dtype on the way) and `PageReleaser` drops each copied tensor's file pages
+from the process's resident set, so a load peaks at about the model's own bytes, not model + file.
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
+import math
+import mmap
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -55,10 +65,12 @@ def _offending_global(message: str) -> Optional[str]:
 
 def _torch_load_restricted(path: Path) -> Any:
     placeholders: list[tuple[type, str]] = []
+    # Zip files (torch.save's format since 1.6) are memory-mapped; legacy pickles are read whole.
+    use_mmap = zipfile.is_zipfile(path)
     while True:
         try:
             with torch.serialization.safe_globals(placeholders):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
         except pickle.UnpicklingError as e:
             name = _offending_global(str(e))
             if name is None or not name.startswith(_PLACEHOLDER_PREFIXES) or len(placeholders) >= _MAX_PLACEHOLDERS:
@@ -151,12 +163,9 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
     path = check_readable(path)
     fmt = sniff_format(path)
     if fmt == "safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path)), {}
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            return read_safetensors_mapped(path), {}
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint file is truncated or corrupted: {path} ({e})") from None
     try:
         obj = _torch_load_restricted(path)
@@ -178,6 +187,88 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors")
     return tensors, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory-mapped reading
+
+# The dtype names of the safetensors format.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+_MAX_HEADER = 100 * 2**20
+
+
+def read_safetensors_mapped(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file as views of a private memory map of it: nothing is read until used.
+    ValueError when the header or an offset does not fit the file (truncated or corrupted)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("no header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+        header = json.loads(f.read(n))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a mapping")
+    base, tensors = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{name}: unknown dtype {info['dtype']}")
+        shape, (start, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+        numel = math.prod(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - start != numel * itemsize or start < 0 or base + end > size:
+            raise ValueError(f"{name}: bytes {start}..{end} do not hold {shape} {info['dtype']} in a file of {size} bytes")
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif (base + start) % itemsize:  # unaligned (old writers): a copy
+            tensors[name] = torch.frombuffer(bytearray(mapped[base + start : base + end]), dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=base + start).reshape(shape)
+    return tensors
+
+
+class PageReleaser:
+    """Drops the pages of memory-mapped file tensors from the resident set once they were copied (Linux:
+    madvise(MADV_DONTNEED) on the pages of the tensor that lie in a mapping of one of `paths`; the page cache keeps
+    them, and a later read maps them again). A no-op for tensors in ordinary memory and on other systems."""
+
+    def __init__(self, paths: list[Union[str, Path, None]]):
+        self.ranges: list[tuple[int, int]] = []
+        self._madvise = None
+        names = {str(Path(p).resolve()) for p in paths if p is not None}
+        if not names or not sys.platform.startswith("linux"):
+            return
+        try:
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].strip() in names:
+                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                        self.ranges.append((lo, hi))
+        except (OSError, AttributeError):
+            self.ranges = []
+
+    def __call__(self, tensor: torch.Tensor) -> None:
+        if not self.ranges or tensor.device.type != "cpu" or tensor.numel() == 0:
+            return
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo and any(a <= lo and hi <= b for a, b in self.ranges):
+            self._madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,13 +371,20 @@ def _keep_precise_schedule(model: torch.nn.Module, own: dict[str, torch.Tensor],
         logger.info("%s stores %d schedule buffers in reduced precision; using the float32 values computed from the config", source, len(kept))
 
 
-def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], use_ema: bool = False, source: str = "checkpoint") -> None:
+def load_weights_into(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    use_ema: bool = False,
+    source: str = "checkpoint",
+    release: Optional[Any] = None,
+) -> None:
     """Load `state_dict` into `model` with a strict check on the UNet, VAE and text-encoder weights.
 
     Benign differences are logged: extra `position_ids`, VAE `loss.*`, unused `model_ema.*`; schedule buffers
     missing from the file are recomputed from the config. With `use_ema` and EMA keys present, or when the file
     holds its UNet only as `model_ema.*`, the EMA weights are loaded into the UNet. Tensors are cast to the
-    model's dtypes (fp16 / bf16 files load into a float32 model).
+    model's dtypes (fp16 / bf16 files load into a float32 model), one at a time; `release(tensor)` is called
+    after each copy (a `PageReleaser`: memory-mapped sources leave the resident set as they are copied).
     """
     state_dict = dict(state_dict)
     own = model.state_dict()
@@ -331,5 +429,10 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
         logger.info("%d buffers absent from %s are computed from the config", len(missing), source)
     if file_scale is not None:
         _take_scale_factor(model, float(file_scale), source)
-    to_load = {k: v for k, v in state_dict.items() if k in own}
-    model.load_state_dict(to_load, strict=False)
+    # What load_state_dict does (param.copy_ under no_grad), one tensor at a time so each source can be released.
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            if key in own:
+                own[key].copy_(value)
+                if release is not None:
+                    release(value)

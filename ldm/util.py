@@ -40,21 +40,35 @@ def no_weight_init() -> Iterator[None]:
     """Build modules without random initialisation (parameters are allocated, not filled).
 
     Only for models whose every parameter is then loaded from a checkpoint under a strict key check: random init
-    of SD's ~1B parameters costs tens of seconds on a CPU and is thrown away. Buffers computed in constructors
-    (schedules, position ids) are unaffected.
+    of SD's ~1B parameters costs tens of seconds on a CPU and is thrown away, and untouched parameters take no
+    resident memory until the load writes them. Buffers computed in constructors (schedules, position ids) are
+    unaffected. transformers' models (the CLIP text encoder) check `weight_init_skipped()` and skip their own
+    initialisation too.
     """
+    global _SKIP_INIT
     saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
 
     def skip(tensor, *args, **kwargs):
         return tensor
 
+    previous = _SKIP_INIT
     try:
         for name in saved:
             setattr(torch.nn.init, name, skip)
+        _SKIP_INIT = True
         yield
     finally:
+        _SKIP_INIT = previous
         for name, fn in saved.items():
             setattr(torch.nn.init, name, fn)
+
+
+_SKIP_INIT = False
+
+
+def weight_init_skipped() -> bool:
+    """True inside `no_weight_init`."""
+    return _SKIP_INIT
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
@@ -109,7 +123,7 @@ def build_model(
     check, and with `vae` the VAE weights of that file (a VAE-only file or a full checkpoint) in place of the
     checkpoint's own. `use_ema` overrides the config's `use_ema`. Returns the model on the CPU, in eval mode,
     without gradients, in the file's floating dtype cast to the config's (float32)."""
-    from ldm.checkpoint import load_weights_into, read_checkpoint
+    from ldm.checkpoint import PageReleaser, load_weights_into, read_checkpoint
     from ldm.checkpoint_layouts import check_vae_fits, vae_weights
 
     config = load_config(config)
@@ -124,7 +138,8 @@ def build_model(
         if vae_sd is not None:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("first_stage_model.")}
             state_dict.update({"first_stage_model." + k: v for k, v in vae_sd.items()})
-        load_weights_into(model, state_dict, use_ema=model.use_ema if use_ema is None else use_ema, source=source)
+        release = PageReleaser([source if Path(source).is_file() else None, vae])
+        load_weights_into(model, state_dict, use_ema=model.use_ema if use_ema is None else use_ema, source=source, release=release)
     elif vae_sd is not None:
         model.first_stage_model.load_state_dict(vae_sd, strict=True)
     if vae_sd is not None:

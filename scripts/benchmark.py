@@ -30,6 +30,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import os
 import math
 import platform
 import resource
@@ -900,13 +901,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=str, default="outputs/benchmark", help="folder for results.csv, results.json and the plots")
     p.add_argument("--append", action="store_true", help="add to the results already in --out instead of replacing them")
     p.add_argument("--dry_run", action="store_true", help="print the planned cases and exit")
+    p.add_argument("--load", action="store_true",
+                   help="measure loading --ckpt instead: ours (load_model, the scripts' loader) and diffusers' single-file "
+                        "UNet + VAE load, each in a fresh process (imports done before the clock starts): seconds and peak RSS")
+    p.add_argument("--load-child", dest="load_child", choices=("ours", "diffusers"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-case", dest="run_case", type=str, default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", dest="case_out", type=str, default=None, help=argparse.SUPPRESS)
     return p
 
 
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_child(impl: str, ckpt: str, config: str) -> dict:
+    """One load in this (fresh) process: seconds, peak RSS (VmHWM), the RSS before, and the loaded weights' bytes."""
+    import torch
+
+    if impl == "ours":
+        from microbatch.devices import Dtypes
+        from microbatch.loading import load_model
+        import transformers.models.clip.modeling_clip  # noqa: F401 - imports outside the clock, as diffusers' below
+
+        def load() -> list:
+            loaded = load_model(Path(ckpt), Path(config), torch.device("cpu"), Dtypes(torch.float32, torch.float32, torch.float32))
+            return [loaded.model]
+    else:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        def load() -> list:
+            kw = dict(original_config=config, local_files_only=True, torch_dtype=torch.float32)
+            return [UNet2DConditionModel.from_single_file(ckpt, **kw), AutoencoderKL.from_single_file(ckpt, **kw)]
+    before = _proc_status_mb("VmRSS")
+    start = time.perf_counter()
+    models = load()
+    seconds = time.perf_counter() - start
+    weights = sum(t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()]) / 2**20
+    peak = _proc_status_mb("VmHWM")
+    return {"impl": impl, "load_s": round(seconds, 2), "rss_before_mb": round(before), "peak_rss_mb": round(peak),
+            "weights_mb": round(weights), "peak_over_weights": round(peak / weights, 3),
+            "what": "full model (UNet, VAE, text encoder)" if impl == "ours" else "UNet + VAE (the text encoder needs the hub offline)"}
+
+
+def run_load_benchmark(args: argparse.Namespace) -> int:
+    import subprocess
+
+    if not args.ckpt:
+        print("error: --load needs --ckpt", file=sys.stderr)
+        return 2
+    config = args.config or str(V1_CONFIG)
+    rows = []
+    impls = ["ours"] + ([] if args.no_diffusers else ["diffusers"])
+    for _ in range(max(1, args.repeats)):
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--load-child", impl, "--ckpt", args.ckpt, "--config", config]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if done.returncode != 0:
+                rows.append({"impl": impl, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps(rows, indent=2))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.load_child:
+        print(json.dumps(load_child(args.load_child, args.ckpt, args.config)))
+        return 0
+    if args.load:
+        return run_load_benchmark(args)
     if args.run_case:
         spec = json.loads(Path(args.run_case).read_text())
         rows = run_case_here(Case(**spec["case"]), Context(**spec["context"]))

@@ -191,3 +191,81 @@ def test_convert_checkpoint_script(tmp_path, tiny_ckpt, tiny_model):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil(str(tmp_path / "pwned"))}, evil)
     assert convert.main([str(evil), str(tmp_path / "evil.safetensors")]) == 2
     assert not (tmp_path / "pwned").exists()
+
+
+def _reference_load(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """Yesterday's loader: the whole file read into memory, then load_state_dict."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path)) if fmt == "safetensors" else torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model = load_model_from_config(TINY_CONFIG, None)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in raw.items() if k in own}, strict=False)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_streaming_load_gives_bit_identical_weights(tmp_path, tiny_model, fmt, dtype):
+    """Memory-mapped reading and tensor-by-tensor copies give exactly the weights of a whole-file read."""
+    from safetensors.torch import save_file
+
+    sd = {k: (v.to(dtype) if v.is_floating_point() and k.startswith(("model.", "first_stage", "cond_stage")) else v).contiguous()
+          for k, v in tiny_model.state_dict().items()}
+    path = tmp_path / f"m.{fmt}"
+    save_file(sd, str(path)) if fmt == "safetensors" else torch.save({"state_dict": sd}, path)
+    mapped, _ = read_checkpoint(path)
+    assert set(mapped) == set(sd) and all(torch.equal(mapped[k], sd[k]) for k in sd)
+    got = load_model_from_config(TINY_CONFIG, path).state_dict()
+    want = _reference_load(path, fmt)
+    assert set(got) == set(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
+def test_safetensors_offsets_outside_the_file_are_corruption(tmp_path):
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(4, 4), "b": torch.zeros(8)}, str(tmp_path / "good.safetensors"))
+    raw = (tmp_path / "good.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = _json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 4  # one tensor claims more bytes than its shape holds
+    text = _json.dumps(header).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        read_checkpoint(bad)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_copied_tensors_leave_the_resident_set(tmp_path):
+    """PageReleaser drops a mapped tensor's file pages from RSS once it was copied; tensors in ordinary memory are
+    left alone (their contents survive)."""
+    from safetensors.torch import save_file
+
+    from ldm.checkpoint import PageReleaser
+
+    def rss_file_mb() -> float:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no RssFile")
+
+    path = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.full((1024, 1024), float(i)) for i in range(16)}, str(path))  # 64 MB
+    tensors, _ = read_checkpoint(path)
+    before = rss_file_mb()
+    assert sum(float(t.sum()) for t in tensors.values()) > 0  # every page touched
+    touched = rss_file_mb()
+    assert touched - before > 48
+    release = PageReleaser([path])
+    heap = torch.full((1024, 1024), 3.0)
+    release(heap)
+    assert torch.equal(heap, torch.full((1024, 1024), 3.0))
+    for t in tensors.values():
+        release(t)
+    assert rss_file_mb() < touched - 48
+    assert torch.equal(tensors["w5"], torch.full((1024, 1024), 5.0))  # read again from the page cache

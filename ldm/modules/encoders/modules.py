@@ -9,6 +9,7 @@ prompt language itself (parsing `(word:1.2)`, BREAK, scheduling) lives in `micro
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from collections import OrderedDict
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.encoders.tokenizer import CLIPTokenizer
+from ldm.util import weight_init_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +266,28 @@ def build_clip_text_model(text_config: Optional[Mapping[str, Any]]) -> nn.Module
         if unknown:
             raise ValueError(f"text_config has fields that CLIPTextConfig does not know: {sorted(unknown)}")
         fields.update({k: (v if not hasattr(v, "items") else dict(v)) for k, v in dict(text_config).items()})
-    model = CLIPTextModel(CLIPTextConfig(**fields))
+    config = CLIPTextConfig(**fields)
+    skip = _transformers_no_init() if weight_init_skipped() else None
+    if skip is None:
+        model = CLIPTextModel(config)
+    else:  # the weights come from a checkpoint: transformers' own init (~1.6 s for ViT-L) would be thrown away
+        with skip():
+            model = CLIPTextModel(config)
+        for module in model.modules():
+            ids = getattr(module, "position_ids", None)
+            if isinstance(ids, torch.Tensor):
+                ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
     return model if hasattr(model, "text_model") else CLIPTextHolder(model)
+
+
+def _transformers_no_init() -> Optional[Any]:
+    """transformers' context manager that skips its models' weight initialisation (5.x or 4.x), or None."""
+    for module in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return getattr(importlib.import_module(module), "no_init_weights")
+        except (ImportError, AttributeError):
+            continue
+    return None
 
 
 class FrozenCLIPEmbedder(LongPromptEncoder, AbstractEncoder):
