@@ -82,17 +82,46 @@ def choose_dtypes(precision: Precision, device: torch.device) -> Dtypes:
     return Dtypes(half, half, torch.float32)
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory phase: CUDA resets the allocator's peak; on Linux the process's peak resident set
+    (VmHWM) is reset through /proc/self/clear_refs. False where the peak cannot be reset (it then keeps counting
+    from the process start)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    if device.type == "cpu" and sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _vm_hwm_mb() -> Optional[float]:
+    """The process's peak resident set since the start or the last reset (Linux), in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """(peak MB, what was measured): torch.cuda.max_memory_allocated on CUDA, else the process's peak resident set."""
+    """(peak MB, what was measured) since the last `reset_peak_memory`: torch.cuda.max_memory_allocated on CUDA,
+    else the process's peak resident set (Linux: VmHWM, which the reset clears; elsewhere ru_maxrss, since the
+    process started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20, "MPS driver memory (current)"
+    hwm = _vm_hwm_mb() if sys.platform.startswith("linux") else None
+    if hwm is not None:
+        return hwm, "resident memory (RSS)"
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in kilobytes on Linux and bytes on macOS.
     return (rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20), "resident memory (RSS)"

@@ -18,7 +18,7 @@ from ldm.checkpoint import CheckpointError, describe_family
 from ldm.checkpoint_layouts import read_model_checkpoint
 from ldm.modules.attention_backends import AttentionBackend
 from ldm.util import build_model, instantiate_from_config, load_config
-from microbatch.devices import Dtypes
+from microbatch.devices import Dtypes, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +269,7 @@ class LoadedModel:
     load_seconds: float
     is_demo: bool = False
     default_scale: Optional[float] = None  # the config's sampling_defaults.scale, when it recommends one
+    peak_memory_mb: Optional[float] = None  # the device's peak memory up to the end of the load (RSS on a CPU)
     _hash: Optional[str] = None
     vae_path: Optional[Path] = None  # a separate VAE file whose weights replaced the checkpoint's
     _vae_hash: Optional[str] = None
@@ -365,7 +366,8 @@ def load_model(
     config, reason = settle_parameterization(model, Path(config), reason, inferred, parameterization, ckpt)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return LoadedModel(model, ckpt, Path(config), reason, dtypes, time.perf_counter() - start, is_demo, default_scale, vae_path=vae)
+    seconds = time.perf_counter() - start
+    return LoadedModel(model, ckpt, Path(config), reason, dtypes, seconds, is_demo, default_scale, peak_memory_mb=peak_memory_mb(device)[0], vae_path=vae)
 
 
 def recommended_scale(cfg: Any, config: Any) -> Optional[float]:

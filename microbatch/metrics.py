@@ -21,8 +21,14 @@ class RunMetrics:
     sampling_s: float = 0.0
     first_image_s: Optional[float] = None
     per_image_s: list[float] = field(default_factory=list)
+    # The closing lines' "Peak ... memory": the sampling phase's peak (peak_memory_sampling_mb).
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = ""
+    # Per phase: the peak up to the end of loading the model, and the peak while sampling and decoding (reset after
+    # loading; `sampling_peak_reset` False where it could not be reset, so it also holds the load).
+    peak_memory_load_mb: Optional[float] = None
+    peak_memory_sampling_mb: Optional[float] = None
+    sampling_peak_reset: bool = True
     final_max_batch_size: Optional[int] = None
     interrupted: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
@@ -50,6 +56,7 @@ class RunMetrics:
         if self._start is not None:
             self.sampling_s = time.perf_counter() - self._start
         self.peak_memory_mb, self.peak_memory_kind = peak_memory_mb(device)
+        self.peak_memory_sampling_mb = self.peak_memory_mb
 
     @property
     def median_image_s(self) -> Optional[float]:
@@ -68,7 +75,9 @@ class RunMetrics:
             lines.append(f"Time per image (median): {self.median_image_s:.2f} s; {self.images_per_s:.3f} images/s")
         lines.append(f"Model load took {self.model_load_s:.2f} seconds")
         label = "Peak GPU memory allocated" if self.peak_memory_kind == "GPU memory allocated" else f"Peak {self.peak_memory_kind}"
-        lines.append(f"{label}: {self.peak_memory_mb:.2f} MB")
+        lines.append(f"{label}: {self.peak_memory_mb:.2f} MB" + ("" if self.sampling_peak_reset else " (since the process started)"))
+        if self.peak_memory_load_mb is not None:
+            lines.append(f"Peak {self.peak_memory_kind or 'memory'} while loading the model: {self.peak_memory_load_mb:.2f} MB")
         for r in self.ranks if len(self.ranks) > 1 else []:
             lines.append(
                 f"  {r['rank']}: {r['images']} images, {r['images_per_s'] or 0:.3f} images/s, idle {100 * r['idle_fraction']:.1f}%, "

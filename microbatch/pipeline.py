@@ -441,7 +441,8 @@ class Pipeline:
             metrics.batch_done(len(batch))
 
         engine.step_callback = on_step
-        reset_peak_memory(self.device)
+        metrics.peak_memory_load_mb = self.loaded.peak_memory_mb
+        metrics.sampling_peak_reset = reset_peak_memory(self.device)
         metrics.start()
         interrupted = False
         try:

@@ -169,6 +169,7 @@ def run_ray_job(
             merged.per_image_s += report.per_image_s
             merged.peak_memory_mb = max(merged.peak_memory_mb, report.peak_memory_mb)
             merged.peak_memory_kind = report.peak_memory_kind
+            merged.peak_memory_load_mb = max(merged.peak_memory_load_mb or 0.0, report.peak_memory_load_mb or 0.0) or None
             merged.interrupted |= report.interrupted
             if merged.first_image_s is None and report.first_image_s is not None:
                 merged.first_image_s = submitted + report.first_image_s

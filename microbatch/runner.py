@@ -141,6 +141,7 @@ class RankReport:
     first_image_s: Optional[float] = None
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = ""
+    peak_memory_load_mb: Optional[float] = None
     per_image_s: list = field(default_factory=list)
     interrupted: bool = False
 
@@ -251,6 +252,7 @@ def run_job(
         report.per_image_s += result.metrics.per_image_s
         report.peak_memory_mb = max(report.peak_memory_mb, result.metrics.peak_memory_mb)
         report.peak_memory_kind = result.metrics.peak_memory_kind
+        report.peak_memory_load_mb = result.metrics.peak_memory_load_mb
         if result.interrupted:
             report.interrupted = True
             break
@@ -267,6 +269,9 @@ def job_metrics(reports: list[RankReport], load_s: float, settings: dict[str, An
     metrics.per_image_s = [t for r in reports for t in r.per_image_s]
     metrics.peak_memory_mb = max((r.peak_memory_mb for r in reports), default=0.0)
     metrics.peak_memory_kind = next((r.peak_memory_kind for r in reports if r.peak_memory_kind), "")
+    metrics.peak_memory_sampling_mb = metrics.peak_memory_mb
+    loads = [r.peak_memory_load_mb for r in reports if r.peak_memory_load_mb is not None]
+    metrics.peak_memory_load_mb = max(loads) if loads else None
     metrics.interrupted = any(r.interrupted for r in reports)
     metrics.settings = settings
     metrics.ranks = [

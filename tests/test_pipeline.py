@@ -172,3 +172,26 @@ def test_vae_flag_and_vae_beside_the_checkpoint_give_the_same_pixels(tiny_ckpt, 
         assert b.info["parameters"].split("VAE hash: ")[1][:10] == c.info["parameters"].split("VAE hash: ")[1][:10]
     assert txt2img.main(["--ckpt", str(tiny_ckpt), "--vae", str(tmp_path / "nope.pt"), *base]) == 2
     assert "VAE file not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_sampling_peak_excludes_what_came_before(pipe, tiny_ckpt, tmp_path):
+    """The metrics' sampling peak starts after loading: a 400 MB spike before sampling (standing in for a load's
+    peak) shows in the process's peak but not in peak_memory_sampling_mb; the JSON has both phases."""
+    import resource
+
+    import torch
+
+    spike = torch.ones(100 * 2**20)  # 400 MB, every page touched
+    del spike
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = pipe.generate(GenerationRequest(prompt="a cat", n_samples=1, n_iter=1, steps=1, height=32, width=32))
+    m = result.metrics
+    assert m.sampling_peak_reset and m.peak_memory_sampling_mb == m.peak_memory_mb
+    assert m.peak_memory_sampling_mb < process_peak - 300, (m.peak_memory_sampling_mb, process_peak)
+    assert m.peak_memory_load_mb is not None and m.peak_memory_load_mb > 0
+    argv = ["--ckpt", str(tiny_ckpt), "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "1", "--W", "32", "--H", "32",
+            "--outdir", str(tmp_path / "o"), "--metrics_json", str(tmp_path / "m.json"), *RUN]
+    assert load_script("txt2img").main(argv) == 0
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["peak_memory_load_mb"] > 0 and saved["peak_memory_sampling_mb"] > 0
