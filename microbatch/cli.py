@@ -30,7 +30,7 @@ from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.images import next_number, save_grid, save_png_atomic
 from microbatch.job import item_path, job_settings
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, file_hash, find_vae_beside, load_model
-from microbatch.parameters import FLAG_OF, lora_hash_notes, read_png_settings
+from microbatch.parameters import FLAG_OF, lora_hash_notes, read_png_settings, ti_hash_notes
 from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
 from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, prepare_job, rank_device, run_job, set_cpu_threads
 from microbatch.request import GenerationRequest, ModelOptions, UsageError, read_prompt_file
@@ -125,6 +125,7 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--fixed_code", action="store_true", help="reuse the same start noise for every iteration and prompt batch")
     g.add_argument("--lora", type=str, action=_Repeatable, default=None, metavar="FILE[:WEIGHT]", help="merge a LoRA / LyCORIS file into the model for this run (repeatable); FILE:TE:UNET weights the text encoder and the UNet apart, a name without a file is looked up in --lora_dir. Prompts may also say <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>")
     g.add_argument("--lora_dir", type=str, default="models/Lora", help="where <lora:NAME:...> prompt tags find their files (NAME.safetensors, .pt or .ckpt, searched recursively)")
+    g.add_argument("--embeddings_dir", type=str, default="embeddings", help="textual-inversion embeddings (.pt, .bin, .safetensors, searched recursively): a prompt or negative prompt uses one by writing its file name without the suffix")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
 
     g = p.add_argument_group("SDXL micro-conditioning (SDXL models only; unset: the published values)")
@@ -245,6 +246,7 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         original_size=_pair(args.original_size), crop_coords=_pair(args.crop_coords), target_size=_pair(args.target_size),
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         loras=tuple(parse_lora_flag(v) for v in args.lora or ()), lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
     )
     if mode in ("img2img", "inpaint"):
         fields.update(init_image=args.init_img or None, strength=args.strength)
@@ -283,6 +285,7 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
         raise UsageError("--from_png regenerates one PNG's prompt: it cannot be combined with --from-file")
     notes.extend(png.notes)
     notes.extend(lora_hash_notes(png.lora_hashes, request.get("lora_dir", "models/Lora")))
+    notes.extend(ti_hash_notes(png.ti_hashes, request.get("embeddings_dir", "embeddings")))
     if png.hires:
         notes.append(f"note: {args.from_png} used hires fix, which is not supported yet: regenerating its first pass only")
     overridden = []

@@ -203,7 +203,7 @@ class Engine:
     ) -> list[ScheduledPromptConditioning]:
         """One text's conditioning schedule [(end_at_step, cond [77 k, C]), ...] for a run counting `steps` prompt
         steps (see SamplingSettings.prompt_steps), in the web UI's prompt language; each (text, steps, clip_skip)
-        is encoded once per engine.
+        is encoded once per engine and set of loaded textual-inversion embeddings.
 
         Texts are encoded one at a time, so an embedding never depends on which other texts shared its micro-batch
         (the text encoder's GEMMs may pick kernels by batch size). A plain text of at most 75 tokens gives exactly
@@ -214,10 +214,12 @@ class Engine:
         `negative` marks the unconditional branch, where an empty text gives zero text embeddings."""
         if is_sdxl(self.model):
             return self._sdxl_schedule(text, steps, clip_skip, micro, negative)
-        key = (text, int(steps), int(clip_skip))
+        encoder = getattr(self.model, "cond_stage_model", None)
+        # the loaded textual-inversion embeddings are part of the key: a reloaded folder re-encodes the texts
+        key = (text, int(steps), int(clip_skip), getattr(encoder, "embeddings_version", 0))
         if key not in self._cond_cache:
             with torch.no_grad():
-                if isinstance(getattr(self.model, "cond_stage_model", None), LongPromptEncoder):
+                if isinstance(encoder, LongPromptEncoder):
                     self._cond_cache[key] = get_learned_conditioning(self.model, [text], steps, clip_skip)[0]
                 else:
                     if clip_skip != 1:

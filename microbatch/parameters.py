@@ -22,10 +22,11 @@ _FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 def png_parameters(
     job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None,
-    lora_hashes: str = "",
+    lora_hashes: str = "", ti_hashes: str = "",
 ) -> str:
     """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI;
-    `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty)."""
+    `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty; `TI hashes` likewise for
+    textual-inversion embeddings (microbatch.embeddings.ti_hashes))."""
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler}",
@@ -47,6 +48,8 @@ def png_parameters(
     fields += micro_conditioning_fields(settings)
     if lora_hashes:
         fields.append('Lora hashes: "' + lora_hashes.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    if ti_hashes:
+        fields.append('TI hashes: "' + ti_hashes.replace("\\", "\\\\").replace('"', '\\"') + '"')
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
@@ -147,7 +150,7 @@ _NAME_SUFFIXES = ("Karras", "Exponential")  # old combined names, "DPM++ 2M Karr
 KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
     "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Original size", "Crop coords",
-    "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes",
+    "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes", "TI hashes",
 })
 
 
@@ -186,6 +189,7 @@ class PngSettings:
     hires: bool = False
     notes: list[str] = field(default_factory=list)  # for the user: settings not used, schedules replaced
     lora_hashes: dict[str, str] = field(default_factory=dict)  # `Lora hashes`: name in the prompt -> short hash
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # `TI hashes`: embedding name -> short hash
 
 
 def parse_lora_hashes(value: str) -> dict[str, str]:
@@ -209,6 +213,25 @@ def lora_hash_notes(hashes: dict[str, str], lora_dir: Union[str, Path]) -> list[
         if path is not None and not lora_hash(path).startswith(digest.lower()):
             differ.append(f"{name} ({path}: {lora_hash(path)[:len(digest)]}, PNG: {digest})")
     return [f"note: LoRA files differ from those the PNG was made with, the image will too: {'; '.join(differ)}"] if differ else []
+
+
+def ti_hash_notes(hashes: dict[str, str], embeddings_dir: Union[str, Path]) -> list[str]:
+    """One note naming the PNG's embeddings (its `TI hashes`) that `embeddings_dir` lacks or holds in another file:
+    the regenerated image will differ (a missing one is read as plain text, as the web UI reads it)."""
+    from microbatch.embeddings import embedding_hash, find_embedding_files
+
+    files = {path.stem: path for path in find_embedding_files(embeddings_dir)} if hashes else {}
+    missing = [name for name in hashes if name not in files]
+    differ = [
+        f"{name} ({files[name]}: {embedding_hash(files[name])[:len(digest)]}, PNG: {digest})"
+        for name, digest in hashes.items() if name in files and not embedding_hash(files[name]).startswith(digest.lower())
+    ]
+    notes = []
+    if missing:
+        notes.append(f"note: embeddings the PNG used are not in --embeddings_dir {embeddings_dir} (their names stay plain text): {', '.join(missing)}")
+    if differ:
+        notes.append(f"note: embedding files differ from those the PNG was made with, the image will too: {'; '.join(differ)}")
+    return notes
 
 
 def read_png_settings(path: Union[str, Path]) -> PngSettings:
@@ -262,6 +285,7 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
     out.fields = values
     out.model_hash = f.get("Model hash")
     out.lora_hashes = parse_lora_hashes(f.get("Lora hashes", ""))
+    out.ti_hashes = parse_lora_hashes(f.get("TI hashes", ""))
     out.hires = any(key.startswith("Hires") for key in f)
     if "strength" in values and not out.hires:
         out.made_by = "img2img"

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 
 from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
+from microbatch.embeddings import (
+    EmbeddingFileError, check_prompts_for_broken, embeddings_used, find_embedding_files, sync_embeddings_dir, text_encoder, ti_hashes,
+)
 from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings, is_sdxl
 from microbatch.images import load_init_image, to_uint8
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
@@ -288,7 +291,26 @@ class Pipeline:
             notes.append(f"note: LoRA not found in --lora_dir {request.lora_dir}, skipped: {', '.join(missing)}")
         if not any(item.loras or item.job is not job for item, job in zip(loras, jobs)):
             loras = []
-        return Plan(jobs, settings, steps, notes, loras)
+        plan = Plan(jobs, settings, steps, notes, loras)
+        self.prepare_embeddings(request.embeddings_dir, plan.engine_jobs, settings.prompt_steps, notes)
+        return plan
+
+    def prepare_embeddings(self, folder: str, jobs: list[ImageJob], steps: int, notes: list[str]) -> None:
+        """Load the textual-inversion embeddings of `folder` into the text encoder (again only when its files
+        changed; warnings for skipped files go to on_note when it is loaded) and check that no prompt names a file
+        that could not be read (one-line UsageError). SDXL and other encoders: a note when the folder has files."""
+        try:
+            text_encoder(self.model)
+        except ValueError as e:
+            if find_embedding_files(folder):
+                notes.append(f"note: {e}: the files in --embeddings_dir {folder} are not used")
+            return
+        for message in sync_embeddings_dir(self.model, folder):
+            self.on_note(message)
+        try:
+            check_prompts_for_broken(self.model, [text for job in jobs for text in (job.prompt, job.negative_prompt)], steps)
+        except EmbeddingFileError as e:
+            raise UsageError(str(e)) from None
 
     def check_micro_conditioning(self, request: GenerationRequest, settings: SamplingSettings, notes: list[str]) -> None:
         """A one-line UsageError for SDXL micro-conditioning flags on another model; on an SDXL model, the flags
@@ -433,7 +455,7 @@ class Pipeline:
             for done in batch:
                 pos = order[done.job.index]
                 job = plan.jobs[pos]
-                parameters = self.parameters(job, settings, plan.loras[pos] if plan.loras else None, request.loras)
+                parameters = self.parameters(job, settings, plan.loras[pos] if plan.loras else None, request.loras, done.job)
                 pending[pos] = GeneratedImage(job, to_uint8(done.image), done.latent, parameters)
             while next_pos in pending:
                 emit(pending.pop(next_pos))
@@ -483,15 +505,24 @@ class Pipeline:
                 set_loras(self.model, base)
         return settings.max_batch_size
 
-    def parameters(self, job: ImageJob, settings: SamplingSettings, loras: Optional[JobLoras] = None, flag_loras: Any = ()) -> str:
+    def parameters(
+        self, job: ImageJob, settings: SamplingSettings, loras: Optional[JobLoras] = None, flag_loras: Any = (), encoded: Optional[ImageJob] = None
+    ) -> str:
         """The image's parameters text: its prompt with its LoRA tags (and the `--lora` files as tags) and, when
-        it used LoRAs, their `Lora hashes`."""
+        it used LoRAs, their `Lora hashes`; when its prompts (`encoded`: as the encoder saw them, LoRA tags removed;
+        default `job`) used textual-inversion embeddings, their `TI hashes` (the prompt's first, then the negative
+        prompt's)."""
         loaded = self.loaded
         hashes = ""
+        encoded = job if encoded is None else encoded
+        used = embeddings_used(self.model, [encoded.prompt, encoded.negative_prompt], settings.prompt_steps)
         if loras is not None and loras.named:
             job = replace(job, prompt=prompt_with_flag_loras(job.prompt, flag_loras))
             hashes = lora_hashes(list(dict.fromkeys(loras.named)))
-        return png_parameters(job, settings, loaded.model_hash, self.options.precision, loaded.vae_hash, loaded.vae_name, lora_hashes=hashes)
+        return png_parameters(
+            job, settings, loaded.model_hash, self.options.precision, loaded.vae_hash, loaded.vae_name, lora_hashes=hashes,
+            ti_hashes=ti_hashes(self.model, used),
+        )
 
     def _metrics_settings(self, request: GenerationRequest, plan: Plan) -> dict[str, Any]:
         """The run's settings as plain JSON values."""
@@ -545,7 +576,7 @@ class Pipeline:
         """n images of `prompt` (image i uses seed + i) as PIL images with info["parameters"]. scale None: the
         model's default; width / height None: its native size. Prompts use the web UI's prompt language (README,
         "Prompt syntax"). Other keyword arguments are GenerationRequest fields (clip_skip, n_iter, fixed_code,
-        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir...)."""
+        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir, embeddings_dir...)."""
         request = GenerationRequest(
             mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, n_samples=n, steps=steps, sampler=sampler,
             schedule=schedule, scale=scale, seed=seed, width=width, height=height, eta=eta, max_batch_size=max_batch_size,

@@ -100,6 +100,9 @@ class GenerationRequest:
     `loras`: (file, unet weight, te weight) networks merged for every image (`--lora`; also given as a path or
     (path, weight), normalised here); `<lora:NAME:W>` tags in the prompts add their own, looked up in `lora_dir`
     (see `microbatch.lora_jobs`).
+
+    `embeddings_dir`: the textual-inversion embeddings a prompt may name (`microbatch.embeddings`); a folder that
+    does not exist holds none, unless it was named explicitly (anything but the default), which is an error.
     """
 
     mode: Mode = "txt2img"
@@ -133,6 +136,7 @@ class GenerationRequest:
     negative_aesthetic_score: Optional[float] = None
     loras: tuple[tuple[str, float, float], ...] = ()
     lora_dir: str = "models/Lora"
+    embeddings_dir: str = "embeddings"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -169,6 +173,17 @@ class GenerationRequest:
         self._check_batching()
         self._check_images()
         self._check_loras()
+        self._check_embeddings_dir()
+
+    def _check_embeddings_dir(self) -> None:
+        if not isinstance(self.embeddings_dir, (str, Path)):
+            raise UsageError(f"embeddings_dir must be a folder path, got {self.embeddings_dir!r}")
+        folder = Path(self.embeddings_dir)
+        object.__setattr__(self, "embeddings_dir", str(folder))
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--embeddings_dir {folder} is a file, not a folder")
+        if not folder.exists() and folder != Path("embeddings"):
+            raise UsageError(f"--embeddings_dir {folder}: no such folder")
 
     def _check_loras(self) -> None:
         """Normalise `loras` to ((file, unet weight, te weight), ...): an entry may be a path, (path,),

@@ -93,12 +93,14 @@ def _error(status: int, kind: str, detail: str, headers: Optional[dict[str, str]
     return JSONResponse({"error": kind, "detail": " ".join(detail.split())}, status_code=status, headers=headers)
 
 
-def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_batch_size: Any = None) -> FastAPI:
+def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_batch_size: Any = None, embeddings_dir: str = "embeddings") -> FastAPI:
     """The web UI API over `pipeline`. `limits`: what one request may ask for (default `ServerLimits()`);
     `max_batch_size`: images per UNet micro-batch within a request (an int, "auto", or None for the pipeline's
-    default). The worker thread starts here and stops (after the queued requests) when the app shuts down."""
+    default); `embeddings_dir`: the textual-inversion embeddings prompts may use (loaded now, and again by a
+    request when its files changed). The worker thread starts here and stops (after the queued requests) when the
+    app shuts down."""
     limits = limits or ServerLimits()
-    service = Service(pipeline, limits, max_batch_size)
+    service = Service(pipeline, limits, max_batch_size, embeddings_dir)
     worker = Worker(pipeline, limits.max_queue)
 
     @asynccontextmanager
@@ -219,7 +221,9 @@ def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_ba
 
     @app.get("/sdapi/v1/embeddings", tags=["sdapi"])
     async def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+        """The textual-inversion embeddings loaded from the server's embeddings folder, and those skipped (another
+        width), as the web UI lists them: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}."""
+        return service.embeddings()
 
     @app.post("/sdapi/v1/png-info", tags=["sdapi"])
     async def png_info(payload: PngInfoRequest) -> dict[str, Any]:

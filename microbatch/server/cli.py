@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import socket
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ldm.checkpoint import CheckpointError
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast", help="autocast: half precision where it is safe and fast; full: float32")
     g.add_argument("--attention", type=str, default="auto", choices=list(BACKENDS), help="attention kernel")
     g.add_argument("--offload", type=str, default="none", choices=["none", "model", "sequential"], help="GPU memory saving (see the scripts' --offload)")
+    g.add_argument("--embeddings_dir", type=str, default="embeddings", help="textual-inversion embeddings prompts may name (.pt, .bin, .safetensors, searched recursively)")
     g = p.add_argument_group("network")
     g.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on; anything but a loopback address lets other machines use the server")
     g.add_argument("--port", type=int, default=7860, help="TCP port")
@@ -98,7 +100,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         check_port_free(args.host, args.port)  # before the model loads: a busy port fails in a second, not a minute
         pipeline = Pipeline.load(options, on_note=print)
-        app = create_app(pipeline, limits, max_batch_size)
+        if args.embeddings_dir != "embeddings" and not Path(args.embeddings_dir).is_dir():
+            raise UsageError(f"--embeddings_dir {args.embeddings_dir}: no such folder")
+        app = create_app(pipeline, limits, max_batch_size, args.embeddings_dir)
     except (KeyboardInterrupt, UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
         return exit_code_for(e, args.verbose)
     if not is_loopback(args.host):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from PIL import Image, ImageOps
 
+from microbatch.embeddings import loaded_embeddings
 from microbatch.parameters import parse_png_parameters
 from microbatch.pipeline import GeneratedImage, Pipeline, Plan
 from microbatch.request import GenerationRequest, UsageError
@@ -76,12 +77,23 @@ _FIXED_OPTIONS = {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}
 class Service:
     """The server's state around one loaded `Pipeline`: limits, options and the translations both ways."""
 
-    def __init__(self, pipeline: Pipeline, limits: ServerLimits, max_batch_size: Any = None) -> None:
+    def __init__(self, pipeline: Pipeline, limits: ServerLimits, max_batch_size: Any = None, embeddings_dir: str = "embeddings") -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.max_batch_size = max_batch_size
         self.options = ServerOptions()
         self._options_lock = threading.Lock()
+        self.embeddings_dir = str(embeddings_dir)
+        # loaded before the first request, so that /sdapi/v1/embeddings lists them; requests reload changed files
+        notes: list[str] = []
+        pipeline.prepare_embeddings(self.embeddings_dir, [], 1, notes)
+        for text in notes:
+            logger.info("%s", text)
+
+    def embeddings(self) -> dict[str, Any]:
+        """{"loaded": {name: record}, "skipped": {name: record}}, records as the web UI's /sdapi/v1/embeddings."""
+        loaded, skipped = loaded_embeddings(self.pipeline.model)
+        return {"loaded": {n: r.api() for n, r in loaded.items()}, "skipped": {n: r.api() for n, r in skipped.items()}}
 
     # -- the model, as the web UI lists it --
     @property
@@ -172,7 +184,7 @@ class Service:
         fields: dict[str, Any] = dict(
             prompt=payload.prompt, negative_prompt=payload.negative_prompt, n_samples=payload.batch_size, n_iter=payload.n_iter,
             seed=seed, sampler=sampler, steps=payload.steps, schedule=schedule, eta=eta, scale=payload.cfg_scale,
-            max_batch_size=self.max_batch_size,
+            max_batch_size=self.max_batch_size, embeddings_dir=self.embeddings_dir,
         )
         echo = payload.model_dump()
         if mode == "txt2img":

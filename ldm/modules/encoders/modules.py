@@ -5,7 +5,9 @@ from the BPE merges file shipped in this package.
 Both also encode prompts of any length the AUTOMATIC1111 web UI's way (`LongPromptEncoder`): weighted text fragments
 are tokenized, split into chunks of 75 tokens (breaking after a nearby comma, and wherever a BREAK fragment stands),
 each chunk wrapped in bos/eos and padded to 77, encoded separately, weighted, and concatenated to [B, 77 k, C]. The
-prompt language itself (parsing `(word:1.2)`, BREAK, scheduling) lives in `microbatch.prompts`.
+prompt language itself (parsing `(word:1.2)`, BREAK, scheduling) lives in `microbatch.prompts`. Textual-inversion
+embeddings (`ldm.modules.encoders.embeddings`) replace their names in a prompt by their vectors, never split across
+two chunks.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.encoders.embeddings import EmbeddingTable, TokenItem
 from ldm.modules.encoders.tokenizer import CLIPTokenizer
 from ldm.util import weight_init_skipped
 
@@ -73,7 +76,7 @@ class PromptChunks:
 
 
 def split_into_chunks(
-    pieces: Sequence[Optional[tuple[Sequence[int], float]]],
+    pieces: Sequence[Optional[tuple[Sequence[TokenItem], float]]],
     bos: int,
     eos: int,
     pad: int,
@@ -84,7 +87,8 @@ def split_into_chunks(
 
     Args:
         pieces: per fragment its BPE ids and weight, or None for BREAK (which closes the chunk in progress, even an
-            empty one).
+            empty one). An item may be a tuple of an embedding's placeholder ids: they stay in one chunk (when they
+            would cross the chunk's end, the chunk is closed, padded, and they start the next one, as in the web UI).
         bos, eos, pad: the start, end and padding ids (SD 1.x pads with eos, SD 2.x OpenCLIP with 0).
         comma: the id of ',' ; when a chunk is full and the last comma in it is at most `backtrack` tokens from its
             end, the tokens after that comma move to the next chunk (0 disables this).
@@ -110,7 +114,8 @@ def split_into_chunks(
             continue
         ids, weight = piece
         for token in ids:
-            if token == comma:
+            run = token if isinstance(token, tuple) else None
+            if run is None and token == comma:
                 last_comma = len(tokens)
             elif backtrack and len(tokens) == CHUNK_LENGTH and last_comma != -1 and len(tokens) - last_comma <= backtrack:
                 # a full chunk with a comma near its end: the words after the comma start the next chunk
@@ -121,8 +126,14 @@ def split_into_chunks(
                 tokens, mults = moved, moved_mults
             if len(tokens) == CHUNK_LENGTH:
                 close()
-            tokens.append(token)
-            mults.append(weight)
+            if run is None:
+                tokens.append(token)
+                mults.append(weight)
+                continue
+            if len(tokens) + len(run) > CHUNK_LENGTH:
+                close()
+            tokens.extend(run)
+            mults.extend([weight] * len(run))
     if tokens or not chunks:
         close(is_last=True)
     return PromptChunks(tuple(chunks), tuple(weights), token_count)
@@ -166,14 +177,33 @@ def check_clip_skip(clip_skip: Any, layers: int) -> int:
 class LongPromptEncoder:
     """Mixin for the CLIP text encoders: prompts of any length, weights and BREAK, as the web UI encodes them.
 
-    A subclass provides `tokenizer` (CLIPTokenizer), `pad_id` and `encode_chunk_tokens(tokens [N, 77], clip_skip)`.
+    A subclass provides `tokenizer` (CLIPTokenizer), `pad_id`, `token_embedding_module()` (the nn.Embedding that
+    turns ids into the transformer's input) and `encode_chunk_tokens(tokens [N, 77], clip_skip)`.
+
+    `embedding_table` (None until `embeddings()` creates it) holds the textual-inversion embeddings prompts may use.
     """
 
     tokenizer: Any
     pad_id: int
+    embedding_table: Optional[EmbeddingTable] = None
 
     def encode_chunk_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         raise NotImplementedError
+
+    def token_embedding_module(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def embeddings(self) -> EmbeddingTable:
+        """This encoder's textual-inversion table, created empty on first use."""
+        if self.embedding_table is None:
+            module = self.token_embedding_module()
+            self.embedding_table = EmbeddingTable(module.num_embeddings, module.embedding_dim)
+        return self.embedding_table
+
+    @property
+    def embeddings_version(self) -> int:
+        """Changes whenever the embeddings prompts can use change (0: none ever loaded)."""
+        return 0 if self.embedding_table is None else self.embedding_table.version
 
     @property
     def comma_id(self) -> int:
@@ -186,13 +216,16 @@ class LongPromptEncoder:
     def tokenize_weighted(self, fragments: Sequence[Sequence[Any]], backtrack: int = COMMA_BACKTRACK) -> PromptChunks:
         """[(text, weight), ...] (microbatch.prompts.parse_prompt_attention's output, ("BREAK", -1) included) ->
         the prompt's 77-token chunks. Each fragment is tokenized on its own, as in the web UI."""
-        pieces: list[Optional[tuple[list[int], float]]] = []
+        pieces: list[Optional[tuple[list[TokenItem], float]]] = []
+        table = self.embedding_table
         for fragment in fragments:
             text, weight = fragment
             if text == BREAK[0] and weight == BREAK[1]:
                 pieces.append(None)
             else:
-                pieces.append((self.tokenizer.encode(text), float(weight)))
+                ids = self.tokenizer.encode(text)
+                # embedding names are matched within a fragment, as the web UI does
+                pieces.append((table.substitute(ids) if table else ids, float(weight)))
         tok = self.tokenizer
         return split_into_chunks(pieces, tok.bos_token_id, tok.eos_token_id, self.pad_id, self.comma_id, backtrack)
 
@@ -203,9 +236,32 @@ class LongPromptEncoder:
         for start in range(0, len(distinct), batch_size):
             part = distinct[start : start + batch_size]
             tokens = torch.tensor(part, dtype=torch.long, device=self.device)
-            for row, z in zip(part, self.encode_chunk_tokens(tokens, clip_skip)):
+            for row, z in zip(part, self.encode_tokens_with_embeddings(tokens, clip_skip)):
                 encoded[row] = z
         return encoded
+
+    def encode_tokens_with_embeddings(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """encode_chunk_tokens for rows that may hold embedding placeholder ids: those positions get id 0 for the
+        transformer's lookup (the web UI's placeholder), then the embedding's vectors replace their rows of the
+        token-embedding output, in its dtype. Rows without placeholders are encoded exactly as before."""
+        table = self.embedding_table
+        if table is None or not bool((tokens >= table.vocab_size).any()):
+            return self.encode_chunk_tokens(tokens, clip_skip)
+        placeholders = tokens >= table.vocab_size
+        vectors = table.vectors_for(tokens[placeholders].tolist())
+
+        def put_vectors(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            if output.shape[:2] != tokens.shape:
+                raise AssertionError(f"token embedding output {tuple(output.shape)} does not match tokens {tuple(tokens.shape)}")
+            output = output.clone()
+            output[placeholders] = vectors.to(device=output.device, dtype=output.dtype)
+            return output
+
+        handle = self.token_embedding_module().register_forward_hook(put_vectors)
+        try:
+            return self.encode_chunk_tokens(tokens.masked_fill(placeholders, 0), clip_skip)
+        finally:
+            handle.remove()
 
     def assemble(self, group: Sequence[PromptChunks], encoded: Mapping[ChunkRow, torch.Tensor], emphasis: str = "Original") -> torch.Tensor:
         """Prompts encoded together (one web UI forward call) -> [n, 77 k, C], k the group's largest chunk count.
@@ -332,6 +388,9 @@ class FrozenCLIPEmbedder(LongPromptEncoder, AbstractEncoder):
     @property
     def device(self) -> torch.device:
         return self.transformer.get_input_embeddings().weight.device
+
+    def token_embedding_module(self) -> nn.Embedding:
+        return self.transformer.get_input_embeddings()
 
     @property
     def num_layers(self) -> int:
@@ -535,6 +594,9 @@ class FrozenOpenCLIPEmbedder(LongPromptEncoder, AbstractEncoder):
     @property
     def device(self) -> torch.device:
         return self.model.token_embedding.weight.device
+
+    def token_embedding_module(self) -> nn.Embedding:
+        return self.model.token_embedding
 
     @property
     def num_layers(self) -> int:
