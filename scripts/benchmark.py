@@ -925,12 +925,16 @@ def load_child(impl: str, ckpt: str, config: str) -> dict:
     if impl == "ours":
         from microbatch.devices import Dtypes
         from microbatch.loading import load_model
-        import transformers.models.clip.modeling_clip  # noqa: F401 - imports outside the clock, as diffusers' below
+        # Imports outside the clock, as diffusers' below.
+        import ldm.models.autoencoder  # noqa: F401
+        import ldm.models.diffusion.ddpm  # noqa: F401
+        import transformers.models.clip.modeling_clip  # noqa: F401
 
         def load() -> list:
             loaded = load_model(Path(ckpt), Path(config), torch.device("cpu"), Dtypes(torch.float32, torch.float32, torch.float32))
             return [loaded.model]
     else:
+        import diffusers.loaders.single_file_model  # noqa: F401
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         def load() -> list:
