@@ -5,7 +5,7 @@
 Tests drive it in-process with FastAPI's TestClient; `scripts/serve.py` runs it with uvicorn. Generation requests
 queue first come, first served on one worker thread (`microbatch.server.worker`); everything else answers at once,
 also while an image is being made. Bad input is HTTP 422 with a one-line `detail` (a body over the size limit 413,
-a full queue 503 with Retry-After); the OpenAPI page is at /docs.
+a full queue 503 with Retry-After); the OpenAPI page is at /docs, the web page at /.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +25,7 @@ from microbatch.pipeline import Pipeline
 from microbatch.request import UsageError
 from microbatch.server.payloads import Img2ImgRequest, OptionsUpdate, PngInfoRequest, Txt2ImgRequest
 from microbatch.server.service import VERSION, ServerLimits, Service
+from microbatch.server.webpage import page_response
 from microbatch.server.webui import api_message, samplers_list, schedulers_list
 from microbatch.server.worker import QueueFull, ShuttingDown, Worker
 
@@ -220,6 +221,11 @@ def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_ba
     @app.get("/sdapi/v1/embeddings", tags=["sdapi"])
     async def embeddings() -> dict[str, Any]:
         return {"loaded": {}, "skipped": {}}
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def web_page() -> HTMLResponse:
+        """The web page: prompt, settings, Generate, live progress, the images with their parameters."""
+        return page_response()
 
     @app.post("/sdapi/v1/png-info", tags=["sdapi"])
     async def png_info(payload: PngInfoRequest) -> dict[str, Any]:
