@@ -32,6 +32,7 @@ setup(
         "ldm.modules.encoders": ["bpe_simple_vocab_16e6.txt.gz"],
         "microbatch.configs": ["*.yaml", "*/*.yaml"],
         "microbatch": ["assets/*"],
+        "microbatch.server": ["static/*"],  # the web page at /
     },
     install_requires=[
         # Install the CUDA build of torch for your platform first on a GPU machine; any 2.1+ works.
@@ -47,8 +48,9 @@ setup(
     ],
     extras_require={
         # httpx: FastAPI's TestClient (tests/test_server.py, which also needs the serve extra); peft: diffusers'
-        # LoRA loading, the reference of tests/test_lora.py.
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy", "httpx>=0.24,<1", "peft"],
+        # LoRA loading, the reference of tests/test_lora.py; playwright: drives the system's Chromium
+        # (/usr/bin/chromium, Debian's package; never `playwright install`) in tests/test_webpage.py.
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scipy", "httpx>=0.24,<1", "peft", "playwright>=1.40"],
         # Jobs on a Ray cluster: scripts/batch_gen.py --ray ...
         "ray": ["ray>=2.9"],
         # scripts/serve.py: the web UI's HTTP API.

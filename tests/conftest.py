@@ -62,3 +62,7 @@ def _single_thread(monkeypatch):
     # Tests are small; one thread avoids oversubscription on shared 2-core machines.
     torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
     yield
+
+
+# scripts/serve.py with the demo model on 127.0.0.1, started once per session for the test files that use it.
+from tests.server_process import demo_server  # noqa: E402,F401 - a fixture

@@ -5,7 +5,8 @@
 Tests drive it in-process with FastAPI's TestClient; `scripts/serve.py` runs it with uvicorn. Generation requests
 queue first come, first served on one worker thread (`microbatch.server.worker`); everything else answers at once,
 also while an image is being made. Bad input is HTTP 422 with a one-line `detail` (a body over the size limit 413,
-a full queue 503 with Retry-After); the OpenAPI page is at /docs.
+a full queue 503 with Retry-After); the OpenAPI page is at /docs, the web page at /. With `SecurityOptions`, every
+route needs credentials (`microbatch.server.security`) and CORS allows the given origins (else it is off).
 """
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from microbatch.pipeline import Pipeline
 from microbatch.request import UsageError
 from microbatch.server.payloads import Img2ImgRequest, OptionsUpdate, PngInfoRequest, Txt2ImgRequest
+from microbatch.server.security import Authenticate, SecurityOptions, options_problem
 from microbatch.server.service import VERSION, ServerLimits, Service
+from microbatch.server.webpage import page_response
 from microbatch.server.webui import api_message, samplers_list, schedulers_list
 from microbatch.server.worker import QueueFull, ShuttingDown, Worker
 
@@ -93,12 +97,28 @@ def _error(status: int, kind: str, detail: str, headers: Optional[dict[str, str]
     return JSONResponse({"error": kind, "detail": " ".join(detail.split())}, status_code=status, headers=headers)
 
 
-def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_batch_size: Any = None, embeddings_dir: str = "embeddings") -> FastAPI:
+def add_security(app: FastAPI, security: SecurityOptions) -> None:
+    """Authentication inside CORS: a browser's preflight (which carries no credentials) is answered by CORS for
+    the allowed origins, everything else needs credentials; both outside the body limit, so a caller without
+    credentials learns nothing, not even the limit."""
+    if security.auth_required:
+        app.add_middleware(Authenticate, users=security.users, api_keys=security.api_keys)
+    if security.cors_origins:  # as the web UI's --cors-allow-origins
+        app.add_middleware(CORSMiddleware, allow_origins=list(security.cors_origins), allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
+
+
+def create_app(
+    pipeline: Pipeline,
+    limits: Optional[ServerLimits] = None,
+    max_batch_size: Any = None,
+    embeddings_dir: str = "embeddings",
+    security: Optional[SecurityOptions] = None,
+) -> FastAPI:
     """The web UI API over `pipeline`. `limits`: what one request may ask for (default `ServerLimits()`);
     `max_batch_size`: images per UNet micro-batch within a request (an int, "auto", or None for the pipeline's
     default); `embeddings_dir`: the textual-inversion embeddings prompts may use (loaded now, and again by a
-    request when its files changed). The worker thread starts here and stops (after the queued requests) when the
-    app shuts down."""
+    request when its files changed); `security`: credentials every route needs and CORS origins (default: none,
+    CORS off). The worker thread starts here and stops (after the queued requests) when the app shuts down."""
     limits = limits or ServerLimits()
     service = Service(pipeline, limits, max_batch_size, embeddings_dir)
     worker = Worker(pipeline, limits.max_queue)
@@ -112,6 +132,7 @@ def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_ba
     app.state.service = service
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    add_security(app, security or SecurityOptions())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -213,6 +234,9 @@ def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_ba
     @app.post("/sdapi/v1/options", tags=["sdapi"])
     async def set_options(update: OptionsUpdate) -> None:
         """Set eta_ddim / eta_ancestral; the model, VAE, clip skip and format can only be set to what they are."""
+        reason = options_problem(update.model_dump(exclude_unset=True))
+        if reason:  # a file named with a path: refused before anything looks at it
+            raise UsageError(reason)
         service.set_options(update)
 
     @app.get("/sdapi/v1/loras", tags=["sdapi"])
@@ -224,6 +248,11 @@ def create_app(pipeline: Pipeline, limits: Optional[ServerLimits] = None, max_ba
         """The textual-inversion embeddings loaded from the server's embeddings folder, and those skipped (another
         width), as the web UI lists them: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}."""
         return service.embeddings()
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def web_page() -> HTMLResponse:
+        """The web page: prompt, settings, Generate, live progress, the images with their parameters."""
+        return page_response()
 
     @app.post("/sdapi/v1/png-info", tags=["sdapi"])
     async def png_info(payload: PngInfoRequest) -> dict[str, Any]:

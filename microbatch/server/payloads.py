@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from microbatch.server.security import path_problem
+
 SEED_LIMIT = 2**63  # seeds are torch.Generator seeds: image i uses seed + i, which must stay below 2^64
 
 
@@ -93,4 +95,4 @@ def refused_fields(payload: Txt2ImgRequest) -> Optional[str]:
         return f"scripts are not supported by this server (script_name {payload.script_name!r})"
     if payload.alwayson_scripts:
         return f"always-on scripts are not supported by this server (got {', '.join(map(str, payload.alwayson_scripts))})"
-    return None
+    return path_problem(payload)  # a file named with a path (a LoRA tag, override_settings.sd_vae...)
