@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +126,7 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--lora", type=str, action=_Repeatable, default=None, metavar="FILE[:WEIGHT]", help="merge a LoRA / LyCORIS file into the model for this run (repeatable); FILE:TE:UNET weights the text encoder and the UNet apart, a name without a file is looked up in --lora_dir. Prompts may also say <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>")
     g.add_argument("--lora_dir", type=str, default="models/Lora", help="where <lora:NAME:...> prompt tags find their files (NAME.safetensors, .pt or .ckpt, searched recursively)")
     g.add_argument("--embeddings_dir", type=str, default="embeddings", help="textual-inversion embeddings (.pt, .bin, .safetensors, searched recursively): a prompt or negative prompt uses one by writing its file name without the suffix")
+    g.add_argument("--guidance_interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None, help="classifier-free guidance only at noise levels sigma in [SIGMA_LO, SIGMA_HI] (inf allowed); elsewhere the unconditional half is not computed (faster, approximate; README \"Step savings\")")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
 
     g = p.add_argument_group("SDXL micro-conditioning (SDXL models only; unset: the published values)")
@@ -211,8 +212,8 @@ def _int_or_auto(value: Optional[str]) -> Any:
         raise UsageError(f"--max_batch_size must be a positive integer or auto, got {value!r}") from None
 
 
-def _pair(value: Optional[Sequence[int]]) -> Optional[tuple[int, int]]:
-    return None if value is None else (int(value[0]), int(value[1]))
+def _pair(value: Optional[Sequence[Any]], kind: Callable[[Any], Any] = int) -> Optional[tuple[Any, Any]]:
+    return None if value is None else (kind(value[0]), kind(value[1]))
 
 
 def parse_lora_flag(value: str) -> tuple[str, float, Optional[float]]:
@@ -243,6 +244,7 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         seed=args.seed, fixed_code=args.fixed_code, sampler="plms" if args.plms else (args.sampler or "ddim"), steps=args.ddim_steps,
         schedule=args.schedule, eta=args.ddim_eta, scale=args.scale, max_batch_size=_int_or_auto(args.max_batch_size),
         max_memory=args.max_memory, split_guidance=args.split_guidance, clip_skip=args.clip_skip,
+        guidance_interval=_pair(args.guidance_interval, float),
         original_size=_pair(args.original_size), crop_coords=_pair(args.crop_coords), target_size=_pair(args.target_size),
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         loras=tuple(parse_lora_flag(v) for v in args.lora or ()), lora_dir=args.lora_dir,

@@ -100,6 +100,8 @@ class SamplingSettings:
     strength: Optional[float] = None
     # 1: the text encoder's last layer; N: the N-th from the end (SD 1.x; no effect on SD 2.x), see microbatch.prompts
     clip_skip: int = 1
+    # (sigma_lo, sigma_hi): classifier-free guidance only at noise levels in it (GuidedModel.t_interval); None: always
+    guidance_interval: Optional[tuple[float, float]] = None
     # SDXL micro-conditioning, in pixels (height, width) / (top, left); None: the published defaults (original and
     # target size = the image's size, crop (0, 0), aesthetic score 6.0 and 2.5 for the negative branch, refiner only)
     original_size: Optional[tuple[int, int]] = None
@@ -360,6 +362,9 @@ class Engine:
                 raise ValueError("latent blending needs an init image")
             denoiser = BlendedDenoiser(denoiser, init_latent, self.keep_mask.to(self.device))
         sigmas = get_sigmas(settings.schedule_name(), denoiser, settings.steps)
+        if settings.guidance_interval is not None:
+            lo, hi = settings.guidance_interval
+            guided.t_interval = guidance_t_interval(denoiser, lo, hi)
 
         if init_latent is None:
             x = start_noise * math.sqrt(float(sigmas[0]) ** 2 + 1.0)
@@ -430,6 +435,15 @@ class BlendedDenoiser:
 
     def __getattr__(self, name: str):
         return getattr(self.denoiser, name)
+
+
+def guidance_t_interval(denoiser: Any, sigma_lo: float, sigma_hi: float) -> tuple[float, float]:
+    """The timesteps (t_lo, t_hi) of the noise levels [sigma_lo, sigma_hi], for GuidedModel.t_interval. Beyond the
+    model's own sigma range the bounds become infinite (sigma_to_t clamps, which would put sigma_max inside an
+    interval that starts above it)."""
+    lo = -math.inf if sigma_lo <= denoiser.sigma_min else (math.inf if sigma_lo > denoiser.sigma_max else denoiser.sigma_to_t(sigma_lo))
+    hi = math.inf if sigma_hi >= denoiser.sigma_max else (-math.inf if sigma_hi < denoiser.sigma_min else denoiser.sigma_to_t(sigma_hi))
+    return lo, hi
 
 
 def img2img_start(sigmas: torch.Tensor, init_latent: torch.Tensor, noise: torch.Tensor, strength: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:

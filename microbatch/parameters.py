@@ -42,6 +42,8 @@ def png_parameters(
         fields.append(f"VAE: {vae_name}")
     if settings.clip_skip > 1:
         fields.append(f"Clip skip: {settings.clip_skip}")
+    if settings.guidance_interval is not None:
+        fields.append(f"Guidance interval: {settings.guidance_interval[0]:g} {settings.guidance_interval[1]:g}")
     fields += [f"Eta: {settings.eta:g}", f"Precision: {precision}"]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
@@ -117,7 +119,8 @@ def parse_png_parameters(text: str) -> dict[str, str]:
 FLAG_OF = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "seed": "seed", "width": "W",
     "height": "H", "scale": "scale", "eta": "ddim_eta", "sampler": "sampler", "schedule": "schedule",
-    "strength": "strength", "precision": "precision", "clip_skip": "clip_skip", "original_size": "original_size",
+    "strength": "strength", "precision": "precision", "clip_skip": "clip_skip", "guidance_interval": "guidance_interval",
+    "original_size": "original_size",
     "crop_coords": "crop_coords", "target_size": "target_size", "aesthetic_score": "aesthetic_score",
     "negative_aesthetic_score": "negative_aesthetic_score",
 }
@@ -261,6 +264,9 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
             values["strength"] = float(f["Denoising strength"])
         if "Clip skip" in f:
             values["clip_skip"] = int(f["Clip skip"])
+        if "Guidance interval" in f:
+            lo, hi = (float(v) for v in f["Guidance interval"].split())
+            values["guidance_interval"] = (lo, hi)
         for key, name in (("Original size", "original_size"), ("Target size", "target_size")):
             if key in f:
                 values[name] = _size_field(f[key])

@@ -535,6 +535,7 @@ class Pipeline:
             "n_iter": request.n_iter, "images": len(plan.jobs), "max_batch_size": s.max_batch_size,
             "precision": self.options.precision, "dtypes": self.loaded.dtypes.describe(), "attention": attention,
             "seed": request.seed, "strength": s.strength, "clip_skip": s.clip_skip,
+            "guidance_interval": None if s.guidance_interval is None else f"{s.guidance_interval[0]:g} {s.guidance_interval[1]:g}",
             "checkpoint": str(self.loaded.ckpt) if self.loaded.ckpt else None, "config": str(self.loaded.config_path),
         }
 

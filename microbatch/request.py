@@ -128,6 +128,8 @@ class GenerationRequest:
     split_guidance: bool = False
     vae_tiling: TileSettings = field(default_factory=TileSettings)
     clip_skip: int = 1
+    # Guidance only at noise levels sigma in [lo, hi] (README, "Step savings"); None: at every step.
+    guidance_interval: Optional[tuple[float, float]] = None
     # SDXL micro-conditioning (README, "SDXL"); None: the published defaults. Pixels: (height, width), (top, left).
     original_size: Optional[tuple[int, int]] = None
     crop_coords: Optional[tuple[int, int]] = None
@@ -165,6 +167,11 @@ class GenerationRequest:
         _finite("scale", self.scale)
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
             raise UsageError(f"--clip_skip must be a positive integer (1 = the text encoder's last layer), got {self.clip_skip!r}")
+        if self.guidance_interval is not None:
+            gi = self.guidance_interval
+            if len(gi) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) for v in gi) or not 0 <= gi[0] < gi[1]:
+                raise UsageError(f"--guidance_interval needs SIGMA_LO SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI (inf allowed), got {gi}")
+            object.__setattr__(self, "guidance_interval", (float(gi[0]), float(gi[1])))
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -290,7 +297,7 @@ class GenerationRequest:
         return SamplingSettings(
             sampler=self.sampler, steps=self.steps, schedule=self.schedule, eta=float(self.eta), guidance_scale=float(scale),
             height=height, width=width, channels=channels, factor=factor, max_batch_size=max_batch_size,
-            split_guidance=self.split_guidance, strength=self.strength, clip_skip=self.clip_skip,
+            split_guidance=self.split_guidance, strength=self.strength, clip_skip=self.clip_skip, guidance_interval=self.guidance_interval,
             original_size=self.original_size, crop_coords=self.crop_coords, target_size=self.target_size,
             aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
         )

@@ -105,6 +105,11 @@ class GuidedModel:
 
     `calls` counts the calls so far: with a schedule, call k uses the schedule's step k (the web UI counts prompt
     steps in denoiser calls, so a second-order sampler's two calls per step are two steps).
+
+    `t_interval` (t_lo, t_hi): guidance only where the timestep lies in it (Kynkaanniemi et al. 2024, "Applying
+    guidance in a limited interval"); elsewhere a plain prompt's unconditional rows are not computed at all and the
+    output is the conditional one (as scale 1). Set from a sigma interval by the engine. `unguided_calls` counts
+    the calls that skipped them.
     """
 
     def __init__(self, apply_model: ApplyModel, cond: Any, uncond: Optional[Any] = None, guidance_scale: float = 1.0, split: bool = False):
@@ -117,6 +122,17 @@ class GuidedModel:
         self.guidance_scale = float(guidance_scale)
         self.split = split
         self.calls = 0  # UNet evaluations, for metrics and tests
+        self.t_interval: Optional[tuple[float, float]] = None
+        self.unguided_calls = 0
+
+    def _outside_interval(self, t: torch.Tensor) -> bool:
+        """True when every row's timestep lies outside `t_interval` (rows of one run share their timestep)."""
+        if self.t_interval is None:
+            return False
+        lo, hi = self.t_interval
+        outside = not bool(((t >= lo) & (t <= hi)).any())
+        self.unguided_calls += outside
+        return outside
 
     @property
     def guided(self) -> bool:
@@ -130,7 +146,7 @@ class GuidedModel:
         self.calls += 1
         if self.schedule is not None:
             return self._scheduled(x_t, t, self.schedule(step))
-        if self.uncond is None or self.guidance_scale == 1.0:
+        if self.uncond is None or self.guidance_scale == 1.0 or self._outside_interval(t):
             return self.apply_model(x_t, t, self.cond)
         if self.split:
             out_uncond = self.apply_model(x_t, t, self.uncond)
@@ -145,7 +161,7 @@ class GuidedModel:
         if len(step.parts) != b or (step.uncond is not None and len(step.uncond) != b):
             raise AssertionError(f"step conditioning for {len(step.parts)} images, the batch has {b}")
         plain = step.plain
-        guided = step.uncond is not None and (self.guidance_scale != 1.0 or not plain)
+        guided = step.uncond is not None and (not plain or (self.guidance_scale != 1.0 and not self._outside_interval(t)))
         if not plain and step.uncond is None:
             raise ValueError("composable prompts (AND, or a prompt ending in :weight) need the unconditional rows")
         cond_rows = list(step.cond)
