@@ -100,6 +100,10 @@ class GenerationRequest:
     `loras`: (file, unet weight, te weight) networks merged for every image (`--lora`; also given as a path or
     (path, weight), normalised here); `<lora:NAME:W>` tags in the prompts add their own, looked up in `lora_dir`
     (see `microbatch.lora_jobs`).
+
+    Hires fix (txt2img only; `microbatch.hires`, the web UI's fields): `hr_scale` or `hr_resize_x` / `hr_resize_y`
+    (0 or None: unset; one of them alone keeps the aspect ratio) turn it on; `hr_upscaler` (our name or the web UI's,
+    default latent), `hr_steps` (None or 0: the first pass's steps), `hr_denoising_strength` (default 0.7).
     """
 
     mode: Mode = "txt2img"
@@ -133,6 +137,12 @@ class GenerationRequest:
     negative_aesthetic_score: Optional[float] = None
     loras: tuple[tuple[str, float, float], ...] = ()
     lora_dir: str = "models/Lora"
+    hr_scale: Optional[float] = None
+    hr_resize_x: Optional[int] = None
+    hr_resize_y: Optional[int] = None
+    hr_upscaler: Optional[str] = None
+    hr_steps: Optional[int] = None
+    hr_denoising_strength: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -168,7 +178,51 @@ class GenerationRequest:
         self._check_micro_conditioning()
         self._check_batching()
         self._check_images()
+        self._check_hires()
         self._check_loras()
+
+    @property
+    def hires(self) -> bool:
+        """Whether the hires fix is on (hr_scale or a resize target given)."""
+        return self.hr_scale is not None or bool(self.hr_resize_x) or bool(self.hr_resize_y)
+
+    def _check_hires(self) -> None:
+        from microbatch.hires import DEFAULT_HIRES_STRENGTH, DEFAULT_UPSCALER, upscaler_name
+
+        for name in ("hr_resize_x", "hr_resize_y", "hr_steps"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                what = "0 (the first pass's steps)" if name == "hr_steps" else "0 (unset)"
+                raise UsageError(f"--{name} must be a positive integer or {what}, got {value!r}")
+            if value == 0:  # the web UI's "unset"
+                object.__setattr__(self, name, None)
+        if self.hr_scale is not None:
+            _finite("hr_scale", self.hr_scale, "a number > 0")
+            if self.hr_scale <= 0:
+                raise UsageError(f"--hr_scale must be a number > 0, got {self.hr_scale}")
+            object.__setattr__(self, "hr_scale", float(self.hr_scale))
+        if not self.hires:
+            given = [f"--{n}" for n in ("hr_upscaler", "hr_steps", "hr_denoising_strength") if getattr(self, n) is not None]
+            if given:
+                raise UsageError(f"{', '.join(given)}: the hires fix needs --hr_scale S or --hr_resize_x / --hr_resize_y")
+            return
+        if self.mode != "txt2img":
+            raise UsageError(f"the hires fix (--hr_scale, --hr_resize_x, --hr_resize_y) applies to txt2img only, not {self.mode}")
+        if self.hr_scale is not None and (self.hr_resize_x or self.hr_resize_y):
+            raise UsageError(
+                f"give --hr_scale or --hr_resize_x / --hr_resize_y, not both (got --hr_scale {self.hr_scale:g} and "
+                f"--hr_resize_x {self.hr_resize_x or 0} --hr_resize_y {self.hr_resize_y or 0})"
+            )
+        try:
+            object.__setattr__(self, "hr_upscaler", upscaler_name(self.hr_upscaler or DEFAULT_UPSCALER))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        strength = DEFAULT_HIRES_STRENGTH if self.hr_denoising_strength is None else self.hr_denoising_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise UsageError(f"--hr_denoising_strength must be in (0, 1], got {strength}")
+        object.__setattr__(self, "hr_denoising_strength", float(strength))
 
     def _check_loras(self) -> None:
         """Normalise `loras` to ((file, unet weight, te weight), ...): an entry may be a path, (path,),
