@@ -8,8 +8,10 @@ not on the number of images.
 Randomness: image i draws its start noise and then the noise of stochastic samplers from its own CPU
 `torch.Generator` seeded with its seed, then moves it to the device. The img2img VAE posterior sample comes from a
 second generator of its own (seed + INIT_SEED_OFFSET, mod 2^64), so it does not shift the first one's stream: at
-strength 1 img2img equals txt2img from the same seed, for every sampler. So an image depends only on its seed and
-settings, never on batching or device-side RNG.
+strength 1 img2img equals txt2img from the same seed, for every sampler. The hires fix's second pass
+(`microbatch.hires`) restarts each image's generator from its seed, as the web UI makes a new RNG for it, so that
+pass is an img2img of the upscaled latent with the image's seed. So an image depends only on its seed and settings,
+never on batching or device-side RNG.
 
 Conditioning: prompts are in the web UI's prompt language (`microbatch.prompts`): emphasis, long prompts, BREAK,
 prompt editing and alternation switch an image's context at its scheduled denoiser calls, and `a AND b:0.5` guides

@@ -539,6 +539,7 @@ class Pipeline:
 
     @staticmethod
     def _hires_metrics(settings: SamplingSettings) -> Optional[dict[str, Any]]:
+        """The hires fix's settings for the metrics (None without it)."""
         h = settings.hires
         if h is None:
             return None
@@ -586,7 +587,8 @@ class Pipeline:
         """n images of `prompt` (image i uses seed + i) as PIL images with info["parameters"]. scale None: the
         model's default; width / height None: its native size. Prompts use the web UI's prompt language (README,
         "Prompt syntax"). Other keyword arguments are GenerationRequest fields (clip_skip, n_iter, fixed_code,
-        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir...)."""
+        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir, the hires fix: hr_scale=2 or
+        hr_resize_x / hr_resize_y, hr_upscaler, hr_steps, hr_denoising_strength...)."""
         request = GenerationRequest(
             mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, n_samples=n, steps=steps, sampler=sampler,
             schedule=schedule, scale=scale, seed=seed, width=width, height=height, eta=eta, max_batch_size=max_batch_size,

@@ -251,3 +251,33 @@ def test_hires_is_txt2img_only_on_the_command_line(tiny_ckpt, tmp_path, capsys):
     assert err == ["error: the hires fix (--hr_scale, --hr_resize_x, --hr_resize_y) applies to txt2img only, not img2img"]
     assert load_script("txt2img").main(["--ckpt", str(tiny_ckpt), "--hr_scale", "0", "--outdir", str(tmp_path / "o"), *RUN]) == 2
     assert capsys.readouterr().err.strip() == "error: --hr_scale must be a number > 0, got 0.0"
+
+
+def test_large_hires_passes_go_through_the_vae_in_tiles(pipe, monkeypatch):
+    import microbatch.engine as engine_module
+    from microbatch.vae_tiling import TileSettings
+
+    calls = []
+    for name in ("decode_tiled", "encode_tiled"):
+        original = getattr(engine_module, name)
+        monkeypatch.setattr(engine_module, name, lambda *a, _f=original, _n=name, **k: calls.append((_n, tuple(a[1].shape[-2:]))) or _f(*a, **k))
+    tiles = TileSettings("on", 16, 8)
+    images = pipe.txt2img("a cat", steps=2, width=64, height=64, hr_scale=3, hr_upscaler="lanczos", vae_tiling=tiles)
+    assert images[0].size == (192, 192)
+    # the 64x64 first pass (8x8 latents) fits one tile; the 192x192 image is encoded and decoded in tiles
+    assert calls == [("encode_tiled", (192, 192)), ("decode_tiled", (24, 24))]
+
+
+def test_sdxl_hires_pass_is_conditioned_on_its_size(tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.conftest import build_tiny
+
+    path = tmp_path / "tiny-sdxl-base.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny(REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml", seed=21).state_dict().items()}, str(path))
+    sdxl = Pipeline.from_checkpoint(path, device="cpu", precision="full")
+    images = sdxl.txt2img("a red circle", steps=2, width=32, height=32, hr_scale=2, sampler="euler")
+    assert images[0].size == (64, 64)
+    second = sdxl.last_result.plan.settings.hires.settings
+    # the web UI conditions its hires pass on the hires size (SdConditioning(width=hr_upscale_to_x, ...))
+    assert second.micro_conditioning().original_size == (64, 64) and second.micro_conditioning().target_size == (64, 64)
