@@ -27,10 +27,11 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError
 from ldm.modules.attention_backends import BACKENDS
 from microbatch.engine import ImageJob, SamplingSettings
+from microbatch.hires import DEFAULT_HIRES_STRENGTH, UPSCALERS
 from microbatch.images import next_number, save_grid, save_png_atomic
 from microbatch.job import item_path, job_settings
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, file_hash, find_vae_beside, load_model
-from microbatch.parameters import FLAG_OF, lora_hash_notes, read_png_settings, ti_hash_notes
+from microbatch.parameters import FLAG_OF, HIRES_FIELDS, lora_hash_notes, read_png_settings, ti_hash_notes
 from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
 from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, prepare_job, rank_device, run_job, set_cpu_threads
 from microbatch.request import GenerationRequest, ModelOptions, UsageError, read_prompt_file
@@ -128,6 +129,14 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--embeddings_dir", type=str, default="embeddings", help="textual-inversion embeddings (.pt, .bin, .safetensors, searched recursively): a prompt or negative prompt uses one by writing its file name without the suffix")
     g.add_argument("--guidance_interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None, help="classifier-free guidance only at noise levels sigma in [SIGMA_LO, SIGMA_HI] (inf allowed); elsewhere the unconditional half is not computed (faster, approximate; README \"Step savings\")")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
+
+    g = p.add_argument_group("hires fix (txt2img only): a second pass, img2img over the upscaled image, as the web UI's")
+    g.add_argument("--hr_scale", type=float, default=None, metavar="S", help="turn the hires fix on: the second pass is S times the size (the web UI's Upscale by)")
+    g.add_argument("--hr_resize_x", type=int, default=None, metavar="W", help="turn the hires fix on: the second pass's width (0 or unset with --hr_resize_y: keep the aspect ratio; with both, the image is upscaled to cover W x H and cropped)")
+    g.add_argument("--hr_resize_y", type=int, default=None, metavar="H", help="turn the hires fix on: the second pass's height (see --hr_resize_x)")
+    g.add_argument("--hr_upscaler", type=str, default=None, help=f"latent upscalers interpolate the latent; pixel ones decode, resize and encode: {', '.join(UPSCALERS)} or the web UI's names (Latent, Latent (nearest), Lanczos, ...) (default: latent)")
+    g.add_argument("--hr_steps", type=int, default=None, help="steps the second pass runs (default / 0: --ddim_steps), out of a schedule of int(steps / strength) as the web UI")
+    g.add_argument("--hr_denoising_strength", type=float, default=None, help=f"the second pass's denoising strength (default {DEFAULT_HIRES_STRENGTH}, the web UI's)")
 
     g = p.add_argument_group("SDXL micro-conditioning (SDXL models only; unset: the published values)")
     g.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None, help="the size the model is told the training image had (default: the output size)")
@@ -249,6 +258,8 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         loras=tuple(parse_lora_flag(v) for v in args.lora or ()), lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
+        hr_scale=args.hr_scale, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y, hr_upscaler=args.hr_upscaler,
+        hr_steps=args.hr_steps, hr_denoising_strength=args.hr_denoising_strength,
     )
     if mode in ("img2img", "inpaint"):
         fields.update(init_image=args.init_img or None, strength=args.strength)
@@ -288,12 +299,19 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
     notes.extend(png.notes)
     notes.extend(lora_hash_notes(png.lora_hashes, request.get("lora_dir", "models/Lora")))
     notes.extend(ti_hash_notes(png.ti_hashes, request.get("embeddings_dir", "embeddings")))
-    if png.hires:
-        notes.append(f"note: {args.from_png} used hires fix, which is not supported yet: regenerating its first pass only")
+    if png.hires and mode != "txt2img":
+        notes.append(f"note: {args.from_png} used the hires fix, which applies to txt2img only: {mode} ignores it")
+    # A hires size given as a flag replaces the PNG's (scale or resize), which would otherwise conflict with it.
+    hires_size_given = bool({"hr_scale", "hr_resize_x", "hr_resize_y"} & explicit)
     overridden = []
     for name, value in png.fields.items():
         flag = FLAG_OF[name]
         if (name == "strength" and mode == "txt2img") or (name in ("width", "height") and mode != "txt2img"):
+            continue
+        if name in HIRES_FIELDS and mode != "txt2img":
+            continue
+        if hires_size_given and name in ("hr_scale", "hr_resize_x", "hr_resize_y") and flag not in explicit:
+            overridden.append(f"--{name} (PNG: {value})")
             continue
         given = flag in explicit or (name == "sampler" and "plms" in explicit)
         target = model if name == "precision" else request

@@ -8,8 +8,10 @@ not on the number of images.
 Randomness: image i draws its start noise and then the noise of stochastic samplers from its own CPU
 `torch.Generator` seeded with its seed, then moves it to the device. The img2img VAE posterior sample comes from a
 second generator of its own (seed + INIT_SEED_OFFSET, mod 2^64), so it does not shift the first one's stream: at
-strength 1 img2img equals txt2img from the same seed, for every sampler. So an image depends only on its seed and
-settings, never on batching or device-side RNG.
+strength 1 img2img equals txt2img from the same seed, for every sampler. The hires fix's second pass
+(`microbatch.hires`) restarts each image's generator from its seed, as the web UI makes a new RNG for it, so that
+pass is an img2img of the upscaled latent with the image's seed. So an image depends only on its seed and settings,
+never on batching or device-side RNG.
 
 Conditioning: prompts are in the web UI's prompt language (`microbatch.prompts`): emphasis, long prompts, BREAK,
 prompt editing and alternation switch an image's context at its scheduled denoiser calls, and `a AND b:0.5` guides
@@ -34,7 +36,9 @@ import torch
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from microbatch.devices import empty_cache, is_out_of_memory
-from microbatch.vae_tiling import TileSettings, decode_tiled
+from microbatch.hires import crop_latents, upscale_latents, upscale_pixels
+from microbatch.loading import vae_factor_of
+from microbatch.vae_tiling import TileSettings, decode_tiled, encode_tiled
 from ldm.modules.encoders.modules import LongPromptEncoder
 from microbatch.prompts import (
     ScheduledPromptConditioning,
@@ -109,6 +113,13 @@ class SamplingSettings:
     target_size: Optional[tuple[int, int]] = None
     aesthetic_score: Optional[float] = None
     negative_aesthetic_score: Optional[float] = None
+    # img2img: run exactly the schedule's last `exact_steps` steps instead of int(strength x steps) (the hires fix's
+    # second pass, whose schedule is int(exact_steps / min(strength, 0.999)) steps long, see microbatch.hires)
+    exact_steps: Optional[int] = None
+    # the hires fix's second pass: the first pass's prompt steps; prompt editing counts `[a:b:N]` from their end
+    hires_base_steps: Optional[int] = None
+    # txt2img with the hires fix: its second pass (microbatch.hires.HiresPass), run on every micro-batch
+    hires: Optional[Any] = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -132,8 +143,10 @@ class SamplingSettings:
     def prompt_steps(self) -> int:
         """The steps prompt editing counts (`[a:b:0.5]` switches half-way through them): denoiser calls, as the
         web UI counts them, so twice `steps` for samplers with two model calls per step (heun, dpm2, dpmpp_2s_a,
-        dpmpp_sde, the web UI's "second order" ones)."""
-        return self.steps * get_sampler(self.sampler).nfe_per_step
+        dpmpp_sde, the web UI's "second order" ones). A pass with `exact_steps` (the hires fix's second pass) counts
+        the steps it runs, as the web UI does there."""
+        steps = self.steps if self.exact_steps is None else self.exact_steps
+        return steps * get_sampler(self.sampler).nfe_per_step
 
 
 @dataclass
@@ -201,7 +214,8 @@ class Engine:
         self._cond_cache.clear()
 
     def prompt_schedule(
-        self, text: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None, negative: bool = False
+        self, text: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None, negative: bool = False,
+        hires_steps: Optional[int] = None,
     ) -> list[ScheduledPromptConditioning]:
         """One text's conditioning schedule [(end_at_step, cond [77 k, C]), ...] for a run counting `steps` prompt
         steps (see SamplingSettings.prompt_steps), in the web UI's prompt language; each (text, steps, clip_skip)
@@ -213,31 +227,37 @@ class Engine:
         gets that too, for every text.
 
         SDXL: each cond is {"crossattn": [77, C], "vector": [adm]} for `micro` (None: the model's native size);
-        `negative` marks the unconditional branch, where an empty text gives zero text embeddings."""
+        `negative` marks the unconditional branch, where an empty text gives zero text embeddings.
+
+        `hires_steps`: the hires fix's second pass, of that many prompt steps after a first pass of `steps` (the
+        web UI's hires prompt scheduling, see `microbatch.prompts.get_learned_conditioning_prompt_schedules`)."""
         if is_sdxl(self.model):
-            return self._sdxl_schedule(text, steps, clip_skip, micro, negative)
+            return self._sdxl_schedule(text, steps, clip_skip, micro, negative, hires_steps)
         encoder = getattr(self.model, "cond_stage_model", None)
         # the loaded textual-inversion embeddings are part of the key: a reloaded folder re-encodes the texts
-        key = (text, int(steps), int(clip_skip), getattr(encoder, "embeddings_version", 0))
+        key = (text, int(steps), int(clip_skip), hires_steps, getattr(encoder, "embeddings_version", 0))
         if key not in self._cond_cache:
             with torch.no_grad():
                 if isinstance(encoder, LongPromptEncoder):
-                    self._cond_cache[key] = get_learned_conditioning(self.model, [text], steps, clip_skip)[0]
+                    self._cond_cache[key] = get_learned_conditioning(self.model, [text], steps, clip_skip, hires_steps)[0]
                 else:
                     if clip_skip != 1:
                         raise ValueError(f"clip_skip {clip_skip} needs a CLIP text encoder; this model's is {type(self.model.cond_stage_model).__name__}")
-                    self._cond_cache[key] = [ScheduledPromptConditioning(steps, self.model.get_learned_conditioning([text])[0])]
+                    end = steps if hires_steps is None else hires_steps
+                    self._cond_cache[key] = [ScheduledPromptConditioning(end, self.model.get_learned_conditioning([text])[0])]
         return self._cond_cache[key]
 
-    def _sdxl_schedule(self, text: str, steps: int, clip_skip: int, micro: Optional[MicroConditioning], negative: bool) -> list[ScheduledPromptConditioning]:
+    def _sdxl_schedule(
+        self, text: str, steps: int, clip_skip: int, micro: Optional[MicroConditioning], negative: bool, hires_steps: Optional[int] = None
+    ) -> list[ScheduledPromptConditioning]:
         if clip_skip != 1:
             raise ValueError(f"clip_skip {clip_skip} is not supported for SDXL (its encoders use their penultimate layer, as published)")
         zero = negative and text == ""
-        key = ("sdxl", text, int(steps), micro, zero)
+        key = ("sdxl", text, int(steps), micro, zero, hires_steps)
         if key in self._cond_cache:
             return self._cond_cache[key]
         schedule = []
-        for end, part in get_learned_conditioning_prompt_schedules([text], steps)[0]:
+        for end, part in get_learned_conditioning_prompt_schedules([text], steps, hires_steps)[0]:
             pieces = parse_prompt_attention(part)
             if any(weight != 1.0 for _, weight in pieces):
                 raise ValueError(
@@ -257,12 +277,12 @@ class Engine:
         return schedule
 
     def prompt_parts(
-        self, prompt: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None
+        self, prompt: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None, hires_steps: Optional[int] = None
     ) -> list[tuple[list[ScheduledPromptConditioning], float]]:
         """A positive prompt's composable parts (split at AND, each with its `:weight`, default 1), each with its
         schedule (see prompt_schedule). A prompt without AND or a trailing weight is one part of weight 1."""
         indexes, texts, _ = get_multicond_prompt_list([prompt])
-        return [(self.prompt_schedule(texts[i], steps, clip_skip, micro), weight) for i, weight in indexes[0]]
+        return [(self.prompt_schedule(texts[i], steps, clip_skip, micro, hires_steps=hires_steps), weight) for i, weight in indexes[0]]
 
     def conditioning(self, prompts: Sequence[str], steps: int = 1, clip_skip: int = 1) -> Any:
         """Encode prompts ahead of a run (cached) and return their conditioning at step 0 [B, 77 k, C] (the first
@@ -278,14 +298,19 @@ class Engine:
         prompt at prompt step k. Negative prompts are encoded only when guidance (or a composable prompt) uses
         them."""
         steps, clip_skip = settings.prompt_steps, settings.clip_skip
+        hires_steps = None
+        if settings.hires_base_steps is not None:  # the hires pass: its steps come after the first pass's
+            steps, hires_steps = settings.hires_base_steps, steps
         micro = negative_micro = None
         if is_sdxl(self.model):
             micro, negative_micro = settings.micro_conditioning(), settings.micro_conditioning(negative=True)
-        parts = [self.prompt_parts(j.prompt, steps, clip_skip, micro) for j in jobs]
+        parts = [self.prompt_parts(j.prompt, steps, clip_skip, micro, hires_steps) for j in jobs]
         composable = any(len(p) != 1 or p[0][1] != 1.0 for p in parts)
         negatives = None
         if settings.guidance_scale != 1.0 or composable:
-            negatives = [self.prompt_schedule(j.negative_prompt, steps, clip_skip, negative_micro, negative=True) for j in jobs]
+            negatives = [
+                self.prompt_schedule(j.negative_prompt, steps, clip_skip, negative_micro, negative=True, hires_steps=hires_steps) for j in jobs
+            ]
 
         def at(step: int) -> StepConditioning:
             rows: list[torch.Tensor] = []
@@ -327,8 +352,16 @@ class Engine:
         return self.model.decode_first_stage(z)
 
     # -- sampling --
-    def sample_batch(self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_index: int = 0) -> torch.Tensor:
-        """Latents [B, C, h, w] (float32, VP scaling, on the device) for one micro-batch."""
+    def sample_batch(
+        self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_index: int = 0, init_latents: Optional[torch.Tensor] = None,
+        step_offset: int = 0,
+    ) -> torch.Tensor:
+        """Latents [B, C, h, w] (float32, VP scaling, on the device) for one micro-batch: one pass (the hires fix's
+        second pass is `sample_images`).
+
+        init_latents: img2img from these latents [B, C, h, w] (scaled, one per job) instead of `init_posterior`.
+        step_offset: added to the step index the step callback sees (the second pass counts on from the first).
+        """
         info = get_sampler(settings.sampler)
         generators = _make_generators(jobs)
         noise = PerImageNoise(generators)
@@ -338,7 +371,11 @@ class Engine:
         # The start noise is the first draw of each image's generator, as in txt2img.
         start_noise = noise(like)
         init_latent = None
-        if self.init_posterior is not None:
+        if init_latents is not None:
+            init_latent = init_latents.to(device=self.device, dtype=torch.float32)
+            if tuple(init_latent.shape) != shape:
+                raise AssertionError(f"init latents {tuple(init_latent.shape)} do not match {shape}")
+        elif self.init_posterior is not None:
             # The posterior sample comes from a stream of its own, so the sampler's noise continues as in txt2img.
             post_noise = PerImageNoise(_make_generators(jobs, INIT_SEED_OFFSET))
             mean = self.init_posterior.mean.expand(len(jobs), *self.init_posterior.mean.shape[1:])
@@ -369,13 +406,13 @@ class Engine:
         if init_latent is None:
             x = start_noise * math.sqrt(float(sigmas[0]) ** 2 + 1.0)
         else:
-            sigmas, x = img2img_start(sigmas, init_latent, start_noise, settings.strength)
+            sigmas, x = img2img_start(sigmas, init_latent, start_noise, settings.strength, settings.exact_steps)
             if len(sigmas) < 2:
                 return init_latent
 
         def callback(step: dict) -> None:
             if self.step_callback is not None:
-                self.step_callback(batch_index, step)
+                self.step_callback(batch_index, dict(step, i=int(step.get("i", 0)) + step_offset) if step_offset else step)
 
         with torch.no_grad():
             x = info.fn(denoiser, x, sigmas, eta=settings.eta, noise=noise, callback=callback)
@@ -383,6 +420,48 @@ class Engine:
         if self.keep_mask is not None:
             x = self.keep_mask * init_latent + (1 - self.keep_mask) * x
         return x
+
+    def sample_images(self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_index: int = 0) -> torch.Tensor:
+        """Final latents of one micro-batch: `sample_batch`, then the hires fix's second pass when settings has one."""
+        latents = self.sample_batch(jobs, settings, batch_index)
+        if settings.hires is None:
+            return latents
+        return self.hires_pass(jobs, settings, latents, batch_index)
+
+    def hires_pass(self, jobs: Sequence[ImageJob], settings: SamplingSettings, latents: torch.Tensor, batch_index: int = 0) -> torch.Tensor:
+        """The hires fix's second pass over first-pass latents [B, C, h, w] (see microbatch.hires): upscale (in latent
+        space, or decode, resize the 8-bit pixels and encode), crop, then img2img at the larger size with each
+        image's own seed, so its generator restarts: fresh start noise, then the sampler's noise, from the seed."""
+        hires = settings.hires
+        second = hires.settings
+        factor = second.factor
+        if hires.latent_mode is not None:
+            init = upscale_latents(latents.float(), hires.size, hires.latent_mode, factor)
+        else:
+            pixels = upscale_pixels(self.decode(latents), hires.size, hires.upscaler)
+            init = crop_latents(self.encode_latents(pixels, jobs), hires.size.crop)
+        return self.sample_batch(jobs, second, batch_index, init_latents=init, step_offset=self.steps_run(settings))
+
+    def steps_run(self, settings: SamplingSettings) -> int:
+        """The sampler steps of one pass (the callback's step index counts them)."""
+        return pass_steps(self.model, settings)
+
+    def encode_latents(self, pixels: torch.Tensor, jobs: Sequence[ImageJob]) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> scaled latents [B, C, H/f, W/f], each image's posterior sample drawn from
+        its INIT_SEED_OFFSET stream (as img2img's); tiled when `vae_tiling` applies at this size."""
+        rows = []
+        t, f = self.vae_tiling, vae_factor_of(self.model)
+        for i, job in enumerate(jobs):
+            x = (2.0 * pixels[i : i + 1] - 1.0).to(self.device)
+            with torch.no_grad():
+                if t is not None and t.applies(x.shape[-2] // f, x.shape[-1] // f):
+                    posterior = encode_tiled(self.model, x, t.tile, t.overlap, t.blend)
+                else:
+                    posterior = self.model.encode_first_stage(x)
+            noise = PerImageNoise(_make_generators([job], INIT_SEED_OFFSET))
+            mean = posterior.mean.float()
+            rows.append(self.model.scale_factor * (mean + posterior.std.float() * noise(mean)))
+        return torch.cat(rows)
 
     def run(
         self,
@@ -402,7 +481,7 @@ class Engine:
         while pos < len(jobs):
             batch = list(jobs[pos : pos + batch_size])
             try:
-                latents = self.sample_batch(batch, settings, batch_index)
+                latents = self.sample_images(batch, settings, batch_index)
                 images = self.decode(latents)
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
                 if not is_out_of_memory(e) or batch_size == 1:
@@ -446,17 +525,30 @@ def guidance_t_interval(denoiser: Any, sigma_lo: float, sigma_hi: float) -> tupl
     return lo, hi
 
 
-def img2img_start(sigmas: torch.Tensor, init_latent: torch.Tensor, noise: torch.Tensor, strength: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def pass_steps(model: Any, settings: SamplingSettings) -> int:
+    """Sampler steps one pass of `settings` runs: the schedule's length, cut to int(strength x steps) for img2img
+    or to exact_steps (the hires fix's second pass). The second pass is not counted here."""
+    denoiser = Denoiser(None, model.alphas_cumprod, model.parameterization)
+    n = len(get_sigmas(settings.schedule_name(), denoiser, settings.steps)) - 1
+    if settings.strength is None:
+        return n
+    return min(n, int(settings.exact_steps)) if settings.exact_steps is not None else int(settings.strength * n)
+
+
+def img2img_start(
+    sigmas: torch.Tensor, init_latent: torch.Tensor, noise: torch.Tensor, strength: Optional[float], exact_steps: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncate a schedule for img2img and noise the init latent to its first level.
 
     strength in (0, 1] is the fraction of the schedule's steps that is re-run: int(strength * steps) steps (the
-    original's t_enc). The init latent is noised to exactly the level where those steps start, x = x0 + sigma * z.
-    At strength 1 the start is pure noise, so img2img equals txt2img from the same noise.
+    original's t_enc), or exactly `exact_steps` of them when given (at most all). The init latent is noised to
+    exactly the level where those steps start, x = x0 + sigma * z. When every step is re-run the start is pure
+    noise, so img2img equals txt2img from the same noise.
     """
     if strength is None or not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     n = len(sigmas) - 1
-    t_enc = int(strength * n)
+    t_enc = int(strength * n) if exact_steps is None else min(n, int(exact_steps))
     sub = sigmas[n - t_enc :]
     if t_enc == 0:
         return sub, init_latent

@@ -26,7 +26,9 @@ def png_parameters(
 ) -> str:
     """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI;
     `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty; `TI hashes` likewise for
-    textual-inversion embeddings (microbatch.embeddings.ti_hashes))."""
+    textual-inversion embeddings (microbatch.embeddings.ti_hashes)). With the hires fix, as the web UI: `Size` is
+    the first pass's, then `Denoising strength` (the second pass's), `Hires upscale` (or `Hires resize: WxH`),
+    `Hires steps` (when given) and `Hires upscaler` by its web UI name."""
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler}",
@@ -47,6 +49,9 @@ def png_parameters(
     fields += [f"Eta: {settings.eta:g}", f"Precision: {precision}"]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
+    elif settings.hires is not None:
+        fields.append(f"Denoising strength: {settings.hires.settings.strength:g}")
+        fields += settings.hires.parameters_fields()
     fields += micro_conditioning_fields(settings)
     if lora_hashes:
         fields.append('Lora hashes: "' + lora_hashes.replace("\\", "\\\\").replace('"', '\\"') + '"')
@@ -122,8 +127,10 @@ FLAG_OF = {
     "strength": "strength", "precision": "precision", "clip_skip": "clip_skip", "guidance_interval": "guidance_interval",
     "original_size": "original_size",
     "crop_coords": "crop_coords", "target_size": "target_size", "aesthetic_score": "aesthetic_score",
-    "negative_aesthetic_score": "negative_aesthetic_score",
+    "negative_aesthetic_score": "negative_aesthetic_score", "hr_scale": "hr_scale", "hr_resize_x": "hr_resize_x",
+    "hr_resize_y": "hr_resize_y", "hr_steps": "hr_steps", "hr_upscaler": "hr_upscaler", "hr_denoising_strength": "hr_denoising_strength",
 }
+HIRES_FIELDS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_steps", "hr_upscaler", "hr_denoising_strength")
 
 # The AUTOMATIC1111 web UI's sampler names -> (ours, what its schedule "Automatic" means for it). Since its 1.9 the
 # schedule is a separate `Schedule type`; before, a name could end in " Karras" / " Exponential" and a name without
@@ -153,8 +160,11 @@ _NAME_SUFFIXES = ("Karras", "Exponential")  # old combined names, "DPM++ 2M Karr
 KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
     "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Original size", "Crop coords",
-    "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes", "TI hashes",
+    "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes", "TI hashes", "Hires upscale", "Hires resize",
+    "Hires steps", "Hires upscaler",
 })
+# The web UI's default hr_scale (its slider), for a PNG that names a hires upscaler but no scale or resize.
+WEBUI_HR_SCALE = 2.0
 
 
 def webui_sampler(name: str, schedule_type: Optional[str] = None) -> tuple[str, Optional[str], list[str]]:
@@ -188,7 +198,7 @@ class PngSettings:
     path: str
     fields: dict[str, Any] = field(default_factory=dict)
     model_hash: Optional[str] = None
-    made_by: str = "txt2img"  # "img2img" when the text has a Denoising strength (and no hires fix)
+    made_by: str = "txt2img"  # "img2img" when the text has a Denoising strength and no hires fix
     hires: bool = False
     notes: list[str] = field(default_factory=list)  # for the user: settings not used, schedules replaced
     lora_hashes: dict[str, str] = field(default_factory=dict)  # `Lora hashes`: name in the prompt -> short hash
@@ -249,6 +259,34 @@ def read_png_settings(path: Union[str, Path]) -> PngSettings:
     return png_settings_from_text(text, str(path))
 
 
+def _hires_values(f: dict[str, str], notes: list[str]) -> dict[str, Any]:
+    """The hires fix's request fields from a PNG's `Denoising strength`, `Hires upscale` / `Hires resize: WxH`,
+    `Hires steps` and `Hires upscaler` (an upscaler we do not have, e.g. an ESRGAN model, becomes lanczos with a
+    note)."""
+    from microbatch.hires import WEBUI_UPSCALERS, upscaler_name
+
+    values: dict[str, Any] = {"hr_denoising_strength": float(f["Denoising strength"])}
+    resize = (0, 0)
+    if "Hires resize" in f:
+        resize = tuple(int(v) for v in f["Hires resize"].split("x"))
+        if len(resize) != 2:
+            raise ValueError(f"Hires resize {f['Hires resize']!r} is not WxH")
+    if resize != (0, 0):
+        values["hr_resize_x"], values["hr_resize_y"] = resize
+    else:
+        values["hr_scale"] = float(f.get("Hires upscale", WEBUI_HR_SCALE))
+    if "Hires steps" in f:
+        values["hr_steps"] = int(f["Hires steps"])
+    if "Hires upscaler" in f:
+        name = f["Hires upscaler"]
+        try:
+            values["hr_upscaler"] = upscaler_name(name)
+        except ValueError:
+            values["hr_upscaler"] = "lanczos"
+            notes.append(f"hires upscaler {name!r} is not available here: using Lanczos (we have {', '.join(WEBUI_UPSCALERS)})")
+    return values
+
+
 def png_settings_from_text(text: str, source: str = "the parameters text") -> PngSettings:
     """The request fields a `parameters` text (ours or the web UI's) sets; keys not used are listed in one note.
     `source` names the text in messages. One-line UsageError when it cannot be read."""
@@ -260,7 +298,12 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
             values["width"], values["height"] = (int(v) for v in f["Size"].split("x"))
         if "CFG scale" in f:
             values["scale"] = float(f["CFG scale"])
-        if "Denoising strength" in f:
+        # The web UI's rule for "Hires fix" when it pastes parameters: a Denoising strength with a hires key.
+        hires = "Denoising strength" in f and any(k in f for k in ("Hires upscale", "Hires upscaler", "Hires resize"))
+        hires_notes: list[str] = []
+        if hires:
+            values.update(_hires_values(f, hires_notes))
+        elif "Denoising strength" in f:
             values["strength"] = float(f["Denoising strength"])
         if "Clip skip" in f:
             values["clip_skip"] = int(f["Clip skip"])
@@ -277,6 +320,7 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
             if key in f:
                 values[name] = float(f[key])
         sampler, schedule, notes = webui_sampler(f.get("Sampler", "ddim"), f.get("Schedule type"))
+        notes += hires_notes
         eta = f.get("Eta DDIM") if sampler == "ddim" and "Eta DDIM" in f else f.get("Eta")
         values["eta"] = float(eta) if eta is not None else None
     except (KeyError, ValueError) as e:
@@ -292,10 +336,10 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
     out.model_hash = f.get("Model hash")
     out.lora_hashes = parse_lora_hashes(f.get("Lora hashes", ""))
     out.ti_hashes = parse_lora_hashes(f.get("TI hashes", ""))
-    out.hires = any(key.startswith("Hires") for key in f)
-    if "strength" in values and not out.hires:
+    out.hires = hires
+    if "strength" in values and not hires:
         out.made_by = "img2img"
-    unused = [f"{key}: {value}" for key, value in f.items() if key not in KNOWN_KEYS and key not in ("prompt", "negative_prompt") and not key.startswith("Hires")]
+    unused = [f"{key}: {value}" for key, value in f.items() if key not in KNOWN_KEYS and key not in ("prompt", "negative_prompt")]
     if unused:
         notes.append(f"settings not used here: {'; '.join(unused)}")
     out.notes = [f"note: {source}: {text}" for text in notes]

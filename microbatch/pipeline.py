@@ -31,7 +31,8 @@ from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
 from microbatch.embeddings import (
     EmbeddingFileError, check_prompts_for_broken, embeddings_used, find_embedding_files, sync_embeddings_dir, text_encoder, ti_hashes,
 )
-from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings, is_sdxl
+from microbatch.engine import Engine, FinishedImage, ImageJob, Interrupted, SamplingSettings, is_sdxl, pass_steps
+from microbatch.hires import UPSCALERS, HiresPass, hires_size, hires_steps
 from microbatch.images import load_init_image, to_uint8
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, demo_checkpoint, load_model
 from microbatch.lora import applied_loras, check_lora, lora_hashes, set_loras
@@ -42,7 +43,6 @@ from microbatch.offload import apply_offload
 from microbatch.parameters import png_parameters
 from microbatch.request import GenerationRequest, ModelOptions, UsageError
 from microbatch.vae_tiling import encode_tiled
-from samplers import Denoiser, get_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +251,36 @@ class Pipeline:
 
     # -- deciding --
     def steps_run(self, settings: SamplingSettings) -> int:
-        """Sampler steps one micro-batch runs: the schedule's length, cut to int(strength x steps) for img2img."""
-        denoiser = Denoiser(None, self.model.alphas_cumprod, self.model.parameterization)
-        n = len(get_sigmas(settings.schedule_name(), denoiser, settings.steps)) - 1
-        return n if settings.strength is None else int(settings.strength * n)
+        """Sampler steps one micro-batch runs: the schedule's length, cut to int(strength x steps) for img2img; with
+        the hires fix, plus its second pass's steps."""
+        steps = pass_steps(self.model, settings)
+        if settings.hires is not None:
+            steps += pass_steps(self.model, settings.hires.settings)
+        return steps
+
+    def hires_pass(self, request: GenerationRequest, settings: SamplingSettings, notes: list[str]) -> HiresPass:
+        """The hires fix's second pass for a first pass of `settings` (microbatch.hires): its size (as the web UI
+        computes it, rounded down to the model's size multiple with a note) and its settings: the larger size,
+        `hr_denoising_strength`, exactly N = hr_steps (or steps) steps of an int(N / min(strength, 0.999))-step
+        schedule, prompt editing counted on from the first pass."""
+        size = hires_size(
+            settings.width, settings.height, request.hr_scale, request.hr_resize_x, request.hr_resize_y, self.loaded.size_multiple, self.vae_factor
+        )
+        notes.extend(size.notes)
+        strength = float(request.hr_denoising_strength)
+        schedule_steps, run = hires_steps(request.steps, request.hr_steps, strength)
+        second = replace(
+            settings, width=size.width, height=size.height, steps=schedule_steps, strength=strength, exact_steps=run,
+            hires_base_steps=settings.prompt_steps, hires=None,
+        )
+        resize = None if request.hr_scale is not None else (request.hr_resize_x or 0, request.hr_resize_y or 0)
+        hires = HiresPass(request.hr_upscaler, size, second, request.hr_scale, resize, request.hr_steps)
+        run = pass_steps(self.model, second)
+        notes.append(
+            f"hires fix: {settings.width}x{settings.height} -> {size.width}x{size.height} ({UPSCALERS[hires.upscaler][0]} upscaler), "
+            f"then {run} steps of a {schedule_steps}-step schedule at denoising strength {strength:g}"
+        )
+        return hires
 
     def plan(self, request: GenerationRequest, image_size: Optional[tuple[int, int]] = None, jobs: Optional[list[ImageJob]] = None) -> Plan:
         """Decide size, guidance scale and micro-batch size for `request`. `image_size` (height, width) is the
@@ -273,7 +299,10 @@ class Pipeline:
         jobs = request.jobs() if jobs is None else list(jobs)
         settings = request.settings(height, width, scale, 1, channels=self.model.channels, factor=self.vae_factor)
         self.check_micro_conditioning(request, settings, notes)
-        settings.max_batch_size = micro_batch_size(request, self.device, settings)
+        if request.hires:
+            settings.hires = self.hires_pass(request, settings, notes)
+        # the micro-batch size that fits the larger pass
+        settings.max_batch_size = micro_batch_size(request, self.device, settings if settings.hires is None else settings.hires.settings)
         steps = self.steps_run(settings)
         if request.mode != "txt2img":
             if steps == 0:
@@ -342,7 +371,9 @@ class Pipeline:
     def auto_batch_size(self, engine: Engine, plan: Plan, request: GenerationRequest) -> int:
         """max_batch_size "auto": measure the memory model on the real engine and return the largest micro-batch
         (at most the plan's images and n_samples) that fits the budget (`max_memory` GB, else the free memory)."""
-        model = measure_memory_model(engine, plan.settings, plan.engine_jobs[:2])
+        # with the hires fix, its second pass is the larger one
+        settings = plan.settings if plan.settings.hires is None else plan.settings.hires.settings
+        model = measure_memory_model(engine, settings, plan.engine_jobs[:2])
         budget = memory_budget(self.device, self.model, request.max_memory)
         size = choose_batch_size(model, budget, min(len(plan.jobs), request.n_samples))
         self.on_note(f"--max_batch_size auto: {size} images per micro-batch for a budget of {budget / 2**30:.2f} GB ({model.describe()})")
@@ -534,9 +565,21 @@ class Pipeline:
             "scale": s.guidance_scale, "height": s.height, "width": s.width, "n_samples": request.n_samples,
             "n_iter": request.n_iter, "images": len(plan.jobs), "max_batch_size": s.max_batch_size,
             "precision": self.options.precision, "dtypes": self.loaded.dtypes.describe(), "attention": attention,
-            "seed": request.seed, "strength": s.strength, "clip_skip": s.clip_skip,
+            "seed": request.seed, "strength": s.strength, "clip_skip": s.clip_skip, "hires": self._hires_metrics(s),
             "guidance_interval": None if s.guidance_interval is None else f"{s.guidance_interval[0]:g} {s.guidance_interval[1]:g}",
             "checkpoint": str(self.loaded.ckpt) if self.loaded.ckpt else None, "config": str(self.loaded.config_path),
+        }
+
+    @staticmethod
+    def _hires_metrics(settings: SamplingSettings) -> Optional[dict[str, Any]]:
+        """The hires fix's settings for the metrics (None without it)."""
+        h = settings.hires
+        if h is None:
+            return None
+        s = h.settings
+        return {
+            "upscaler": h.upscaler, "width": s.width, "height": s.height, "scale": h.scale, "resize": list(h.resize) if h.resize else None,
+            "steps": s.exact_steps, "schedule_steps": s.steps, "denoising_strength": s.strength,
         }
 
     # -- progress and cancellation (any thread) --
@@ -577,7 +620,8 @@ class Pipeline:
         """n images of `prompt` (image i uses seed + i) as PIL images with info["parameters"]. scale None: the
         model's default; width / height None: its native size. Prompts use the web UI's prompt language (README,
         "Prompt syntax"). Other keyword arguments are GenerationRequest fields (clip_skip, n_iter, fixed_code,
-        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir, embeddings_dir...)."""
+        split_guidance, max_memory, vae_tiling, loras=[("x.safetensors", 0.8)], lora_dir, embeddings_dir, the hires
+        fix: hr_scale=2 or hr_resize_x / hr_resize_y, hr_upscaler, hr_steps, hr_denoising_strength...)."""
         request = GenerationRequest(
             mode="txt2img", prompt=prompt, negative_prompt=negative_prompt, n_samples=n, steps=steps, sampler=sampler,
             schedule=schedule, scale=scale, seed=seed, width=width, height=height, eta=eta, max_batch_size=max_batch_size,

@@ -103,6 +103,9 @@ class GenerationRequest:
 
     `embeddings_dir`: the textual-inversion embeddings a prompt may name (`microbatch.embeddings`); a folder that
     does not exist holds none, unless it was named explicitly (anything but the default), which is an error.
+    Hires fix (txt2img only; `microbatch.hires`, the web UI's fields): `hr_scale` or `hr_resize_x` / `hr_resize_y`
+    (0 or None: unset; one of them alone keeps the aspect ratio) turn it on; `hr_upscaler` (our name or the web UI's,
+    default latent), `hr_steps` (None or 0: the first pass's steps), `hr_denoising_strength` (default 0.7).
     """
 
     mode: Mode = "txt2img"
@@ -139,6 +142,12 @@ class GenerationRequest:
     loras: tuple[tuple[str, float, float], ...] = ()
     lora_dir: str = "models/Lora"
     embeddings_dir: str = "embeddings"
+    hr_scale: Optional[float] = None
+    hr_resize_x: Optional[int] = None
+    hr_resize_y: Optional[int] = None
+    hr_upscaler: Optional[str] = None
+    hr_steps: Optional[int] = None
+    hr_denoising_strength: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -179,6 +188,7 @@ class GenerationRequest:
         self._check_micro_conditioning()
         self._check_batching()
         self._check_images()
+        self._check_hires()
         self._check_loras()
         self._check_embeddings_dir()
 
@@ -191,6 +201,49 @@ class GenerationRequest:
             raise UsageError(f"--embeddings_dir {folder} is a file, not a folder")
         if not folder.exists() and folder != Path("embeddings"):
             raise UsageError(f"--embeddings_dir {folder}: no such folder")
+
+    @property
+    def hires(self) -> bool:
+        """Whether the hires fix is on (hr_scale or a resize target given)."""
+        return self.hr_scale is not None or bool(self.hr_resize_x) or bool(self.hr_resize_y)
+
+    def _check_hires(self) -> None:
+        from microbatch.hires import DEFAULT_HIRES_STRENGTH, DEFAULT_UPSCALER, upscaler_name
+
+        for name in ("hr_resize_x", "hr_resize_y", "hr_steps"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                what = "0 (the first pass's steps)" if name == "hr_steps" else "0 (unset)"
+                raise UsageError(f"--{name} must be a positive integer or {what}, got {value!r}")
+            if value == 0:  # the web UI's "unset"
+                object.__setattr__(self, name, None)
+        if self.hr_scale is not None:
+            _finite("hr_scale", self.hr_scale, "a number > 0")
+            if self.hr_scale <= 0:
+                raise UsageError(f"--hr_scale must be a number > 0, got {self.hr_scale}")
+            object.__setattr__(self, "hr_scale", float(self.hr_scale))
+        if not self.hires:
+            given = [f"--{n}" for n in ("hr_upscaler", "hr_steps", "hr_denoising_strength") if getattr(self, n) is not None]
+            if given:
+                raise UsageError(f"{', '.join(given)}: the hires fix needs --hr_scale S or --hr_resize_x / --hr_resize_y")
+            return
+        if self.mode != "txt2img":
+            raise UsageError(f"the hires fix (--hr_scale, --hr_resize_x, --hr_resize_y) applies to txt2img only, not {self.mode}")
+        if self.hr_scale is not None and (self.hr_resize_x or self.hr_resize_y):
+            raise UsageError(
+                f"give --hr_scale or --hr_resize_x / --hr_resize_y, not both (got --hr_scale {self.hr_scale:g} and "
+                f"--hr_resize_x {self.hr_resize_x or 0} --hr_resize_y {self.hr_resize_y or 0})"
+            )
+        try:
+            object.__setattr__(self, "hr_upscaler", upscaler_name(self.hr_upscaler or DEFAULT_UPSCALER))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        strength = DEFAULT_HIRES_STRENGTH if self.hr_denoising_strength is None else self.hr_denoising_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise UsageError(f"--hr_denoising_strength must be in (0, 1], got {strength}")
+        object.__setattr__(self, "hr_denoising_strength", float(strength))
 
     def _check_loras(self) -> None:
         """Normalise `loras` to ((file, unet weight, te weight), ...): an entry may be a path, (path,),

@@ -199,7 +199,13 @@ def test_img2img_resizes_the_init_image_to_width_and_height(client):
     ("txt2img", {"width": 128, "height": 64}, 422, "128x64 = 8192 pixels is more than this server's limit of 4096 (--max_pixels)"),
     ("txt2img", {"sampler_name": "Restart"}, 422, "unknown sampler_name 'Restart'"),
     ("txt2img", {"scheduler": "beta"}, 422, "unknown scheduler 'beta'"),
-    ("txt2img", {"enable_hr": True}, 422, "enable_hr (hires fix) is not supported yet"),
+    ("txt2img", {"enable_hr": True}, 422, "the hires pass's 128x128 = 16384 pixels is more than this server's limit of 4096 (--max_pixels)"),
+    ("txt2img", {"enable_hr": True, "width": 32, "height": 32, "hr_scale": 0}, 422, "hr_scale must be a number > 0, got 0"),
+    ("txt2img", {"enable_hr": True, "width": 32, "height": 32, "hr_second_pass_steps": 31}, 422, "hr_second_pass_steps 31 is more than"),
+    ("txt2img", {"enable_hr": True, "width": 32, "height": 32, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "unknown hires upscaler 'R-ESRGAN 4x+'"),
+    ("txt2img", {"enable_hr": True, "hr_sampler_name": "DDIM"}, 422, "a hires pass with another sampler is not supported"),
+    ("txt2img", {"enable_hr": True, "hr_prompt": "a dog"}, 422, "a hires pass with other prompts is not supported"),
+    ("img2img", {"enable_hr": True, "denoising_strength": 0.5}, 422, "enable_hr (hires fix) applies to txt2img only"),
     ("txt2img", {"subseed_strength": 0.5}, 422, "variation seeds (subseed_strength 0.5) are not supported yet"),
     ("txt2img", {"seed": -2}, 422, "seed: Input should be greater than or equal to -1"),
     ("txt2img", {"cfg_scale": "nan"}, 422, "cfg_scale must be a finite number, got nan"),
@@ -219,6 +225,26 @@ def test_bad_requests_are_one_line_422s(client, path, body, status, detail):
     assert r.status_code == status, r.text
     text = r.json()["detail"]
     assert detail in text and "\n" not in text
+
+
+def test_txt2img_hires_fix_gives_the_scripts_pixels(client, tiny_ckpt, tmp_path):
+    body = {"prompt": "a red circle", "sampler_name": "DDIM", "steps": 3, "seed": 2, "width": 32, "height": 32, "batch_size": 2,
+            "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 2, "denoising_strength": 0.6}
+    out = post_ok(client, "/sdapi/v1/txt2img", body)
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", "a red circle", "--sampler", "ddim", "--ddim_steps", "3", "--seed", "2", "--W", "32",
+            "--H", "32", "--n_samples", "2", "--n_iter", "1", "--hr_scale", "2", "--hr_steps", "2", "--hr_denoising_strength", "0.6",
+            "--outdir", str(tmp_path), *RUN]
+    assert load_script("txt2img").main(argv) == 0
+    images = decode(out["images"])
+    same(images, pngs(tmp_path))
+    assert images[0].size == (64, 64) and "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent" in images[0].info["parameters"]
+    info = json.loads(out["info"])
+    assert info["denoising_strength"] == 0.6 and (info["width"], info["height"]) == (32, 32)  # the first pass's, as the web UI
+    # a resize target wins over hr_scale (whose default is 2), as in the web UI; the API's denoising_strength default is 0.75
+    out = post_ok(client, "/sdapi/v1/txt2img", {**body, "batch_size": 1, "hr_resize_x": 48, "denoising_strength": 0.75})
+    assert decode(out["images"])[0].size == (48, 48) and "Hires resize: 48x0" in decode(out["images"])[0].info["parameters"]
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["Lanczos", "Nearest"]
+    assert {"Latent", "Latent (nearest)"} <= {m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()}
 
 
 def test_big_images_and_bodies_are_refused_before_decoding(client):

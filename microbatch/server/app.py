@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from microbatch.hires import UPSCALERS
 from microbatch.pipeline import Pipeline
 from microbatch.request import UsageError
 from microbatch.server.payloads import Img2ImgRequest, OptionsUpdate, PngInfoRequest, Txt2ImgRequest
@@ -218,6 +219,18 @@ def create_app(
     @app.get("/sdapi/v1/schedulers", tags=["sdapi"])
     async def schedulers() -> list[dict[str, Any]]:
         return schedulers_list()
+
+    @app.get("/sdapi/v1/upscalers", tags=["sdapi"])
+    async def upscalers() -> list[dict[str, Any]]:
+        """The pixel upscalers a hires pass may use (hr_upscaler); the latent ones are /latent-upscale-modes."""
+        return [
+            {"name": webui, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for webui, mode in UPSCALERS.values() if mode is None
+        ]
+
+    @app.get("/sdapi/v1/latent-upscale-modes", tags=["sdapi"])
+    async def latent_upscale_modes() -> list[dict[str, Any]]:
+        return [{"name": webui} for webui, mode in UPSCALERS.values() if mode is not None]
 
     @app.get("/sdapi/v1/sd-models", tags=["sdapi"])
     async def sd_models() -> list[dict[str, Any]]:

@@ -1,8 +1,10 @@
 """The bodies of the web UI's `/sdapi/v1` requests, with its field names and defaults.
 
 Fields this server does not use are accepted and ignored (clients send the web UI's whole payload), except those
-whose silent omission would give other images than the client asked for (hires fix, variation seeds, face
-restoration, tiling, styles, scripts): those are refused with a one-line message. Defaults follow the web UI
+whose silent omission would give other images than the client asked for (variation seeds, face restoration,
+tiling, styles, scripts, a hires pass with its own sampler, prompt or checkpoint): those are refused with a one-line
+message. The hires fix (`enable_hr`) is the web UI's, on txt2img only; its `denoising_strength` defaults to the web
+UI API's 0.75. Defaults follow the web UI
 except `width` / `height` (None: the model's native size, 512 for SD 1.x) and `cfg_scale` (None: the model's
 default, 7.5 for SD as the original scripts; the demo model's 2).
 """
@@ -41,6 +43,17 @@ class Txt2ImgRequest(BaseModel):
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     enable_hr: bool = False
+    denoising_strength: float = Field(0.75, description="img2img: the share of the schedule re-run; txt2img with enable_hr: the hires pass's")
+    hr_scale: float = Field(2.0, description="enable_hr: the second pass is this many times the size (unless hr_resize_x / hr_resize_y)")
+    hr_upscaler: Optional[str] = Field(None, description="Latent (default), Latent (nearest), Lanczos, ... (GET /upscalers, /latent-upscale-modes)")
+    hr_second_pass_steps: int = Field(0, ge=0, description="0: the first pass's steps")
+    hr_resize_x: int = Field(0, ge=0, description="the second pass's width; 0 with hr_resize_y: keep the aspect ratio")
+    hr_resize_y: int = Field(0, ge=0, description="the second pass's height; 0 with hr_resize_x: keep the aspect ratio")
+    hr_checkpoint_name: Optional[str] = None
+    hr_sampler_name: Optional[str] = None
+    hr_scheduler: Optional[str] = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
     script_name: Optional[str] = None
@@ -54,7 +67,6 @@ class Img2ImgRequest(Txt2ImgRequest):
     """POST /sdapi/v1/img2img: `init_images[0]` re-run for `denoising_strength`; with `mask`, inpainting."""
 
     init_images: Optional[list[str]] = Field(None, description="base64 images; one per request")
-    denoising_strength: float = 0.75
     mask: Optional[str] = Field(None, description="base64 mask, white = repaint (inpainting)")
     inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: black = repaint")
     resize_mode: int = Field(0, ge=0, le=3, description="0 (just resize) when width / height differ from the init image")
@@ -82,7 +94,16 @@ class PngInfoRequest(BaseModel):
 def refused_fields(payload: Txt2ImgRequest) -> Optional[str]:
     """A one-line reason when the payload asks for something this server does not do, else None."""
     if payload.enable_hr:
-        return "enable_hr (hires fix) is not supported yet; send enable_hr false and the size you want"
+        if isinstance(payload, Img2ImgRequest):
+            return "enable_hr (hires fix) applies to txt2img only"
+        if payload.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+            return f"hr_checkpoint_name {payload.hr_checkpoint_name!r}: a hires pass with another checkpoint is not supported"
+        if payload.hr_sampler_name not in (None, "", "Use same sampler", payload.sampler_name):
+            return f"hr_sampler_name {payload.hr_sampler_name!r}: a hires pass with another sampler is not supported"
+        if payload.hr_scheduler not in (None, "", "Use same scheduler", payload.scheduler):
+            return f"hr_scheduler {payload.hr_scheduler!r}: a hires pass with another scheduler is not supported"
+        if payload.hr_prompt not in ("", payload.prompt) or payload.hr_negative_prompt not in ("", payload.negative_prompt):
+            return "hr_prompt / hr_negative_prompt: a hires pass with other prompts is not supported"
     if payload.subseed_strength not in (0, 0.0):
         return f"variation seeds (subseed_strength {payload.subseed_strength}) are not supported yet"
     if payload.restore_faces:

@@ -24,6 +24,7 @@ from microbatch.parameters import parse_png_parameters
 from microbatch.pipeline import GeneratedImage, Pipeline, Plan
 from microbatch.request import GenerationRequest, UsageError
 from microbatch.server.codec import decode_image, encode_png, png_text
+from microbatch.hires import hires_size
 from microbatch.server.payloads import Img2ImgRequest, OptionsUpdate, Txt2ImgRequest, refused_fields
 from microbatch.server.webui import api_message, resolve_sampler, webui_sampler_name
 from microbatch.server.worker import TaskControl
@@ -188,7 +189,10 @@ class Service:
         )
         echo = payload.model_dump()
         if mode == "txt2img":
-            self._check_size(payload.width or self._native(), payload.height or self._native())
+            width, height = payload.width or self._native(), payload.height or self._native()
+            self._check_size(width, height)
+            if payload.enable_hr:
+                fields.update(self._hires_fields(payload, width, height))
             request = GenerationRequest(mode="txt2img", width=payload.width, height=payload.height, **fields)
             return BuiltRequest(request, echo, payload.send_images, "txt2img")
         assert isinstance(payload, Img2ImgRequest)
@@ -199,6 +203,24 @@ class Service:
             mode="inpaint" if mask is not None else "img2img", init_image=init, mask=mask, strength=payload.denoising_strength, **fields
         )
         return BuiltRequest(request, echo, payload.send_images, "img2img")
+
+    def _hires_fields(self, payload: Txt2ImgRequest, width: int, height: int) -> dict[str, Any]:
+        """enable_hr -> the request's hires fields (a resize target wins over hr_scale, as in the web UI), the second
+        pass's size and steps checked against the limits."""
+        resize = bool(payload.hr_resize_x or payload.hr_resize_y)
+        out = dict(
+            hr_scale=None if resize else payload.hr_scale, hr_resize_x=payload.hr_resize_x, hr_resize_y=payload.hr_resize_y,
+            hr_upscaler=payload.hr_upscaler, hr_steps=payload.hr_second_pass_steps, hr_denoising_strength=payload.denoising_strength,
+        )
+        if payload.hr_second_pass_steps > self.limits.max_steps:
+            raise UsageError(f"hr_second_pass_steps {payload.hr_second_pass_steps} is more than this server's limit of {self.limits.max_steps} (--max_steps)")
+        if not resize and not payload.hr_scale > 0:
+            raise UsageError(f"hr_scale must be a number > 0, got {payload.hr_scale}")
+        if width >= 1 and height >= 1:
+            loaded = self.pipeline.loaded
+            size = hires_size(width, height, out["hr_scale"], payload.hr_resize_x, payload.hr_resize_y, loaded.size_multiple, loaded.vae_factor)
+            self._check_size(size.width, size.height, "the hires pass's ")
+        return out
 
     def _native(self) -> int:
         return int(self.pipeline.model.image_size) * self.pipeline.vae_factor
@@ -213,9 +235,9 @@ class Service:
                 f"than this server's limit of {lim.max_images} per request (--max_images)"
             )
 
-    def _check_size(self, width: int, height: int) -> None:
+    def _check_size(self, width: int, height: int, what: str = "") -> None:
         if width >= 1 and height >= 1 and width * height > self.limits.max_pixels:
-            raise UsageError(f"{width}x{height} = {width * height} pixels is more than this server's limit of {self.limits.max_pixels} (--max_pixels)")
+            raise UsageError(f"{what}{width}x{height} = {width * height} pixels is more than this server's limit of {self.limits.max_pixels} (--max_pixels)")
 
     def _images(self, payload: Img2ImgRequest) -> tuple[Image.Image, Optional[Image.Image]]:
         """The decoded init image (resized to width x height when they are given and differ) and mask."""
@@ -280,7 +302,8 @@ class Service:
             "subseed_strength": 0, "width": settings.width if settings else request.width, "height": settings.height if settings else request.height,
             "sampler_name": webui_sampler_name(request.sampler), "scheduler": settings.schedule_name() if settings else request.schedule,
             "cfg_scale": settings.guidance_scale if settings else request.scale, "steps": request.steps, "batch_size": request.n_samples,
-            "n_iter": request.n_iter, "eta": request.eta, "denoising_strength": request.strength if request.mode != "txt2img" else None,
+            "n_iter": request.n_iter, "eta": request.eta,
+            "denoising_strength": request.strength if request.mode != "txt2img" else request.hr_denoising_strength,
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": Path(self.model_file).stem,
             "sd_model_hash": loaded.model_hash, "sd_vae_name": loaded.vae_name, "sd_vae_hash": loaded.vae_hash,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1, "clip_skip": 1, "styles": [], "extra_generation_params": {},

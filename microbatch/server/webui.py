@@ -125,7 +125,9 @@ _FIELD_OF_FLAG = {
     "--W": "width", "--strength": "denoising_strength", "--ddim_eta": "eta", "--seed": "seed", "--prompt": "prompt",
     "--negative_prompt": "negative_prompt", "--init-img PATH (the image to repaint)": "init_images",
     "--init-img PATH": "init_images", "--mask PATH (white = repaint)": "mask", "--max_batch_size": "max_batch_size",
-    "--sampler": "sampler_name", "--schedule": "scheduler",
+    "--sampler": "sampler_name", "--schedule": "scheduler", "--hr_scale": "hr_scale", "--hr_resize_x": "hr_resize_x",
+    "--hr_resize_y": "hr_resize_y", "--hr_upscaler": "hr_upscaler", "--hr_steps": "hr_second_pass_steps",
+    "--hr_denoising_strength": "denoising_strength",
 }
 _FLAG = re.compile("|".join(re.escape(flag) + (r"\b" if flag[-1].isalnum() else "") for flag in sorted(_FIELD_OF_FLAG, key=len, reverse=True)))
 
