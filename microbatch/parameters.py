@@ -22,10 +22,11 @@ _FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 def png_parameters(
     job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None,
-    lora_hashes: str = "",
+    lora_hashes: str = "", refiner: Optional[str] = None,
 ) -> str:
     """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI;
-    `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty)."""
+    `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty; `Refiner: NAME [hash]`
+    and `Refiner switch at` when `refiner` (microbatch.refiner.short_title) took steps, as the web UI)."""
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler}",
@@ -45,6 +46,8 @@ def png_parameters(
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
     fields += micro_conditioning_fields(settings)
+    if refiner is not None and settings.refiner_switch is not None:
+        fields += [f"Refiner: {refiner}", f"Refiner switch at: {settings.refiner_switch:g}"]
     if lora_hashes:
         fields.append('Lora hashes: "' + lora_hashes.replace("\\", "\\\\").replace('"', '\\"') + '"')
     lines = [job.prompt]
@@ -147,7 +150,7 @@ _NAME_SUFFIXES = ("Karras", "Exponential")  # old combined names, "DPM++ 2M Karr
 KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
     "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Original size", "Crop coords",
-    "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes",
+    "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes", "Refiner", "Refiner switch at",
 })
 
 
@@ -186,6 +189,8 @@ class PngSettings:
     hires: bool = False
     notes: list[str] = field(default_factory=list)  # for the user: settings not used, schedules replaced
     lora_hashes: dict[str, str] = field(default_factory=dict)  # `Lora hashes`: name in the prompt -> short hash
+    refiner: Optional[str] = None  # `Refiner`: the web UI's "NAME [hash]" (microbatch.refiner.find_refiner)
+    refiner_switch: Optional[float] = None  # `Refiner switch at`
 
 
 def parse_lora_hashes(value: str) -> dict[str, str]:
@@ -247,6 +252,9 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
         for key, name in (("Aesthetic score", "aesthetic_score"), ("Negative aesthetic score", "negative_aesthetic_score")):
             if key in f:
                 values[name] = float(f[key])
+        if "Refiner" in f:
+            out.refiner = f["Refiner"]
+            out.refiner_switch = float(f["Refiner switch at"]) if "Refiner switch at" in f else None
         sampler, schedule, notes = webui_sampler(f.get("Sampler", "ddim"), f.get("Schedule type"))
         eta = f.get("Eta DDIM") if sampler == "ddim" and "Eta DDIM" in f else f.get("Eta")
         values["eta"] = float(eta) if eta is not None else None
