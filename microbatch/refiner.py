@@ -12,9 +12,9 @@ the AUTOMATIC1111 web UI's rule since its 1.8 (refiner switchover by model times
 1.7, or its option "Refiner switch by sampling steps", switch at the denoiser call where calls / steps >= switch),
 and for fractions with at most three decimals it equals diffusers' `denoising_end` / `denoising_start` split, which
 runs the base on the timesteps t >= round(1000 (1 - switch)) and the refiner on the rest. A noise-level rule gives
-the refiner the levels it was trained on for every schedule (karras reaches t = 199 later than uniform) and for
-img2img, whose truncated schedule is split by the same rule. The switch is at a step boundary (the web UI checks
-before every denoiser call, so a second-order step may switch in its middle).
+the refiner the levels it was trained on for every schedule (30 karras steps reach t = 199 after 19 steps, 50
+uniform ones after 40) and for img2img, whose truncated schedule is split by the same rule. The switch is at a
+step boundary (the web UI checks before every denoiser call, so a second-order step may switch in its middle).
 
 The sampler runs twice: over sigmas[:k + 1] with the base's guided denoiser, then over sigmas[k:] with the
 refiner's. A multistep sampler (DPM++ 2M, PLMS, LMS, UniPC) starts its history afresh with the refiner, as diffusers'
