@@ -299,3 +299,38 @@ def test_parameters_round_trip(files, pipe, tmp_path, capsys):
     webui = png_settings_from_text("a cat\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 1024x1024, "
                                    "Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, Version: v1.9.4")
     assert (webui.refiner, webui.refiner_switch, webui.notes) == ("sd_xl_refiner_1.0 [7440042bbd]", 0.8, [])
+
+
+def test_img2img_and_inpainting_with_the_refiner(pipe, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    Image.fromarray((rng.random((128, 128, 3)) * 255).astype(np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 32:96] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    runs = [pipe.img2img("a cat", str(tmp_path / "init.png"), strength=0.5, n=2, steps=20, sampler="dpmpp_sde", max_batch_size=size)
+            for size in (1, 2)]
+    assert [a.tobytes() for a in runs[0]] == [b.tobytes() for b in runs[1]]
+    assert "Denoising strength: 0.5" in runs[0][0].info["parameters"] and "Refiner switch at: 0.8" in runs[0][0].info["parameters"]
+    assert runs[0][0].tobytes() != pipe.img2img("a cat", str(tmp_path / "init.png"), strength=0.5, n=1, steps=20, sampler="dpmpp_sde", refiner_switch=1.0)[0].tobytes()
+    painted = np.asarray(pipe.inpaint("a cat", str(tmp_path / "init.png"), str(tmp_path / "mask.png"), n=1, steps=8, seed=2)[0]).astype(int)
+    init = np.asarray(Image.open(tmp_path / "init.png")).astype(int)
+    assert np.abs(painted - init)[mask > 0].mean() > 4 * np.abs(painted - init)[mask == 0].mean()
+
+
+def test_a_job_records_its_refiner(files, tmp_path, capsys):
+    """batch_gen's job settings hold the refiner's hash: --resume with another refiner (or none) is refused."""
+    from safetensors.torch import load_file, save_file
+
+    batch_gen = load_script("batch_gen")
+    common = ["--ckpt", str(files["base"]), "--prompt", "x", "--n_samples", "1", "--ddim_steps", "2", "--W", "128", "--H", "128",
+              "--outdir", str(tmp_path / "job"), "--skip_grid", *RUN]
+    assert batch_gen.main([*common, "--refiner", str(files["refiner"])]) == 0
+    other = tmp_path / "other-refiner.safetensors"
+    weights = load_file(str(files["refiner"]))
+    save_file({k: (v + 1 if k.endswith("out.2.bias") else v) for k, v in weights.items()}, str(other))
+    capsys.readouterr()
+    for extra in (["--refiner", str(other)], []):
+        assert batch_gen.main([*common, "--resume", *extra]) == 2
+        assert "holds another job (refiner_hash:" in capsys.readouterr().err
