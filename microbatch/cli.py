@@ -129,6 +129,7 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--embeddings_dir", type=str, default="embeddings", help="textual-inversion embeddings (.pt, .bin, .safetensors, searched recursively): a prompt or negative prompt uses one by writing its file name without the suffix")
     g.add_argument("--guidance_interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None, help="classifier-free guidance only at noise levels sigma in [SIGMA_LO, SIGMA_HI] (inf allowed); elsewhere the unconditional half is not computed (faster, approximate; README \"Step savings\")")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
+    g.add_argument("--refiner_switch", type=float, default=None, help="with --refiner: the fraction of the noise schedule after which the refiner takes over (the web UI's 'Switch at'; 1 = the base alone; default 0.8)")
 
     g = p.add_argument_group("hires fix (txt2img only): a second pass, img2img over the upscaled image, as the web UI's")
     g.add_argument("--hr_scale", type=float, default=None, metavar="S", help="turn the hires fix on: the second pass is S times the size (the web UI's Upscale by)")
@@ -158,6 +159,7 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--ckpt", type=str, default=None, help=f"checkpoint (.ckpt or .safetensors); default {DEFAULT_CKPT}, else the embedded demo model")
     g.add_argument("--config", type=str, default=None, help="model yaml (default: the yaml beside the checkpoint, else inferred from the checkpoint)")
     g.add_argument("--vae", type=str, default=None, help="a VAE file (.pt, .ckpt, .safetensors; VAE-only or a full checkpoint) replacing the checkpoint's own (default: <checkpoint stem>.vae.{pt,ckpt,safetensors} beside the checkpoint, if any)")
+    g.add_argument("--refiner", type=str, default=None, help="an SDXL refiner checkpoint: the SDXL base hands its latents to it for the last steps (--refiner_switch); loaded once, both on the device unless --offload")
     g.add_argument("--use_ema", action="store_true", help="use the EMA weights of a full checkpoint")
     g.add_argument("--parameterization", type=str, choices=["auto", "eps", "v"], default="auto", help="what the UNet predicts; auto: the config's, measured from the checkpoint when the config is inferred")
     g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -260,6 +262,7 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         embeddings_dir=args.embeddings_dir,
         hr_scale=args.hr_scale, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y, hr_upscaler=args.hr_upscaler,
         hr_steps=args.hr_steps, hr_denoising_strength=args.hr_denoising_strength,
+        refiner_switch=args.refiner_switch,
     )
     if mode in ("img2img", "inpaint"):
         fields.update(init_image=args.init_img or None, strength=args.strength)
@@ -282,6 +285,7 @@ def _model_fields(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         ckpt=args.ckpt, config=args.config, vae=args.vae, device=args.device, precision=args.precision, attention=args.attention,
         attention_slicing=args.attention_slicing, offload=args.offload, use_ema=args.use_ema, parameterization=args.parameterization,
+        refiner=args.refiner,
     )
 
 
@@ -320,6 +324,8 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
                 overridden.append(f"--{flag} {target.get(name)} (PNG: {value})")
             continue
         target[name] = value
+    if png.refiner is not None:
+        _apply_png_refiner(png, explicit, request, model, notes)
     if {"sampler", "plms"} & explicit:  # another sampler than the PNG's: its own eta and schedule unless given
         for name, flag in (("eta", "ddim_eta"), ("schedule", "schedule")):
             if flag not in explicit:
@@ -330,6 +336,23 @@ def _apply_png(args: argparse.Namespace, mode: Mode, explicit: set[str], request
     if overridden:
         notes.append(f"note: flags given override {args.from_png}'s parameters: {', '.join(overridden)}")
     return png.model_hash
+
+
+def _apply_png_refiner(png: Any, explicit: set[str], request: dict[str, Any], model: dict[str, Any], notes: list[str]) -> None:
+    """A PNG's `Refiner: NAME [hash]` and `Refiner switch at`: the refiner NAME.safetensors / .ckpt beside the
+    checkpoint unless --refiner is given (missing: a note, and the base alone)."""
+    from microbatch.refiner import find_refiner
+
+    if "refiner" not in explicit:
+        folder = Path(model["ckpt"]).parent if model.get("ckpt") else DEFAULT_CKPT.parent
+        path, note = find_refiner(png.refiner, folder)
+        if note:
+            notes.append(note)
+        if path is None:
+            return
+        model["refiner"] = str(path)
+    if png.refiner_switch is not None and "refiner_switch" not in explicit:
+        request["refiner_switch"] = png.refiner_switch
 
 
 def check_output(out: OutputOptions) -> None:
@@ -383,6 +406,8 @@ def from_args(args: argparse.Namespace, mode: Mode, explicit: Optional[set[str]]
         png_hash = _apply_png(args, mode, explicit if explicit is not None else set(), request, model, notes)
     options = ModelOptions(**model)
     req = GenerationRequest(**request)
+    if req.refiner_switch is not None and not options.refiner:
+        raise UsageError(f"--refiner_switch {req.refiner_switch:g} needs a refiner: --refiner FILE")
     output = OutputOptions(args.outdir, args.skip_save, args.skip_grid, args.n_rows, args.metrics_json, args.quiet)
     check_output(output)
     return CommandLine(mode, options, req, output, notes, png_hash, getattr(args, "from_png", None), args.C, args.f)
@@ -460,6 +485,8 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
     ckpt, _, _ = resolve_checkpoint(cmd.options.ckpt)
     vae = Path(cmd.options.vae) if cmd.options.vae else find_vae_beside(ckpt)
     settings = job_settings(cmd.request, file_hash(ckpt), cmd.options.precision, file_hash(vae) if vae else None)
+    if cmd.options.refiner:
+        settings["refiner_hash"] = file_hash(Path(cmd.options.refiner))
     outdir = Path(cmd.output.outdir)
     if cmd.output.skip_save:
         # A speed measurement: no files, no manifest, so no job to record or resume; every rank makes its share.

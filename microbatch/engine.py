@@ -21,9 +21,10 @@ calls (never padded), so an image with a long prompt is the same whichever promp
 SDXL (`sgm.models.diffusion.DiffusionEngine`): a row's conditioning is a dict {"crossattn": [77, C], "vector":
 [adm]} from the model's conditioner with the run's micro-conditioning (original size, crop, target size; the
 refiner's aesthetic score), each text encoded alone as for SD. Prompt editing, alternation and AND work; emphasis
-and BREAK are refused (one-line ValueError) until the prompt language speaks SDXL's two encoders. An EMPTY negative
-prompt zeroes the text parts of the unconditional rows (the published sampling's force_zero_embeddings=["txt"],
-which diffusers applies only to an empty negative prompt too); a non-empty one is encoded.
+and BREAK are refused (one-line ValueError) until the prompt language speaks SDXL's two encoders. On the base, an
+EMPTY negative prompt zeroes the text parts of the unconditional rows (the published sampling's
+force_zero_embeddings=["txt"], which diffusers applies only to an empty negative prompt too); a non-empty one is
+encoded. The refiner encodes the empty text too, as published (see `zeroes_empty_negative`).
 """
 from __future__ import annotations
 
@@ -81,6 +82,14 @@ def is_sdxl(model: Any) -> bool:
     return hasattr(model, "conditioner") and hasattr(model, "conditioning_batch")
 
 
+def zeroes_empty_negative(model: Any) -> bool:
+    """Whether an empty negative prompt gives zero text embeddings on this SDXL model: yes for the base (the
+    published sampling's force_uc_zero_embeddings=["txt"]), no for the refiner, whose conditioner reads the aesthetic
+    score (the published sampling runs it as a "legacy" model with no zeroed embeddings, and diffusers' refiner
+    pipeline has force_zeros_for_empty_prompt false)."""
+    return "aesthetic_score" not in getattr(model.conditioner, "input_keys", ())
+
+
 @dataclass
 class SamplingSettings:
     """What every image of a run shares.
@@ -120,6 +129,8 @@ class SamplingSettings:
     hires_base_steps: Optional[int] = None
     # txt2img with the hires fix: its second pass (microbatch.hires.HiresPass), run on every micro-batch
     hires: Optional[Any] = None
+    # Base + refiner (microbatch.refiner): the switch fraction when a refiner takes the last steps; None: no refiner.
+    refiner_switch: Optional[float] = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -205,6 +216,8 @@ class Engine:
     keep_mask: Optional[torch.Tensor] = None
     # Tiled VAE decoding (None: always whole), see microbatch.vae_tiling.
     vae_tiling: Optional[TileSettings] = None
+    # Base + refiner: the refiner's stage (microbatch.refiner.RefinerStage), used when settings.refiner_switch is set.
+    refiner: Optional[Any] = None
     _cond_cache: dict = field(default_factory=dict)
     _warned_vae: bool = False
 
@@ -252,7 +265,7 @@ class Engine:
     ) -> list[ScheduledPromptConditioning]:
         if clip_skip != 1:
             raise ValueError(f"clip_skip {clip_skip} is not supported for SDXL (its encoders use their penultimate layer, as published)")
-        zero = negative and text == ""
+        zero = negative and text == "" and zeroes_empty_negative(self.model)
         key = ("sdxl", text, int(steps), micro, zero, hires_steps)
         if key in self._cond_cache:
             return self._cond_cache[key]
@@ -352,6 +365,27 @@ class Engine:
         return self.model.decode_first_stage(z)
 
     # -- sampling --
+    def guided_denoiser(
+        self, jobs: Sequence[ImageJob], settings: SamplingSettings, init_latent: Optional[torch.Tensor] = None
+    ) -> tuple[Any, GuidedModel]:
+        """(D(x, sigma) of this engine's model with guidance, conditioning, inpainting concat or blending; the
+        GuidedModel inside it, whose `calls` count the denoiser calls that prompt editing follows)."""
+        apply_model = self.model.apply_model
+        if self.concat_latents is not None:
+            concat = self.concat_latents.to(self.device)
+
+            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = self.model.apply_model) -> torch.Tensor:
+                return _apply(x_t, t, {"c_concat": [concat.expand(x_t.shape[0], *concat.shape[1:])], "c_crossattn": [context]})
+
+        schedule = self.step_conditioning(jobs, settings)
+        guided = GuidedModel(apply_model, schedule, None, settings.guidance_scale, split=settings.split_guidance)
+        denoiser: Any = Denoiser(guided, self.model.alphas_cumprod, self.model.parameterization)
+        if self.keep_mask is not None:
+            if init_latent is None:
+                raise ValueError("latent blending needs an init image")
+            denoiser = BlendedDenoiser(denoiser, init_latent, self.keep_mask.to(self.device))
+        return denoiser, guided
+
     def sample_batch(
         self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_index: int = 0, init_latents: Optional[torch.Tensor] = None,
         step_offset: int = 0,
@@ -384,20 +418,7 @@ class Engine:
             if tuple(init_latent.shape[1:]) != settings.latent_shape:
                 raise AssertionError(f"init latent {tuple(init_latent.shape)} does not match {settings.latent_shape}")
 
-        apply_model = self.model.apply_model
-        if self.concat_latents is not None:
-            concat = self.concat_latents.to(self.device)
-
-            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = self.model.apply_model) -> torch.Tensor:
-                return _apply(x_t, t, {"c_concat": [concat.expand(x_t.shape[0], *concat.shape[1:])], "c_crossattn": [context]})
-
-        schedule = self.step_conditioning(jobs, settings)
-        guided = GuidedModel(apply_model, schedule, None, settings.guidance_scale, split=settings.split_guidance)
-        denoiser = Denoiser(guided, self.model.alphas_cumprod, self.model.parameterization)
-        if self.keep_mask is not None:
-            if init_latent is None:
-                raise ValueError("latent blending needs an init image")
-            denoiser = BlendedDenoiser(denoiser, init_latent, self.keep_mask.to(self.device))
+        denoiser, guided = self.guided_denoiser(jobs, settings, init_latent)
         sigmas = get_sigmas(settings.schedule_name(), denoiser, settings.steps)
         if settings.guidance_interval is not None:
             lo, hi = settings.guidance_interval
@@ -415,7 +436,10 @@ class Engine:
                 self.step_callback(batch_index, dict(step, i=int(step.get("i", 0)) + step_offset) if step_offset else step)
 
         with torch.no_grad():
-            x = info.fn(denoiser, x, sigmas, eta=settings.eta, noise=noise, callback=callback)
+            if self.refiner is not None and settings.refiner_switch is not None:
+                x = self.refiner.sample(self, info.fn, denoiser, guided, x, sigmas, jobs, settings, noise, callback, init_latent)
+            else:
+                x = info.fn(denoiser, x, sigmas, eta=settings.eta, noise=noise, callback=callback)
         x = to_vp(x, float(sigmas[-1]))
         if self.keep_mask is not None:
             x = self.keep_mask * init_latent + (1 - self.keep_mask) * x

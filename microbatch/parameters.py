@@ -22,13 +22,14 @@ _FIELD = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 def png_parameters(
     job: ImageJob, settings: SamplingSettings, model_hash: str, precision: str, vae_hash: Optional[str] = None, vae_name: Optional[str] = None,
-    lora_hashes: str = "", ti_hashes: str = "",
+    lora_hashes: str = "", ti_hashes: str = "", refiner: Optional[str] = None,
 ) -> str:
     """The `parameters` text of one image (`VAE hash` and `VAE` only with a separate VAE file, as the web UI;
     `Lora hashes`, quoted, when `lora_hashes` (microbatch.lora.lora_hashes) is not empty; `TI hashes` likewise for
-    textual-inversion embeddings (microbatch.embeddings.ti_hashes)). With the hires fix, as the web UI: `Size` is
-    the first pass's, then `Denoising strength` (the second pass's), `Hires upscale` (or `Hires resize: WxH`),
-    `Hires steps` (when given) and `Hires upscaler` by its web UI name."""
+    textual-inversion embeddings (microbatch.embeddings.ti_hashes); `Refiner: NAME [hash]` and `Refiner switch at`
+    when `refiner` (microbatch.refiner.short_title) took steps, as the web UI). With the hires fix, as the web UI:
+    `Size` is the first pass's, then `Denoising strength` (the second pass's), `Hires upscale` (or `Hires resize:
+    WxH`), `Hires steps` (when given) and `Hires upscaler` by its web UI name."""
     fields = [
         f"Steps: {settings.steps}",
         f"Sampler: {settings.sampler}",
@@ -53,6 +54,8 @@ def png_parameters(
         fields.append(f"Denoising strength: {settings.hires.settings.strength:g}")
         fields += settings.hires.parameters_fields()
     fields += micro_conditioning_fields(settings)
+    if refiner is not None and settings.refiner_switch is not None:
+        fields += [f"Refiner: {refiner}", f"Refiner switch at: {settings.refiner_switch:g}"]
     if lora_hashes:
         fields.append('Lora hashes: "' + lora_hashes.replace("\\", "\\\\").replace('"', '\\"') + '"')
     if ti_hashes:
@@ -161,7 +164,7 @@ KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
     "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Original size", "Crop coords",
     "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes", "TI hashes", "Hires upscale", "Hires resize",
-    "Hires steps", "Hires upscaler",
+    "Hires steps", "Hires upscaler", "Refiner", "Refiner switch at",
 })
 # The web UI's default hr_scale (its slider), for a PNG that names a hires upscaler but no scale or resize.
 WEBUI_HR_SCALE = 2.0
@@ -203,6 +206,8 @@ class PngSettings:
     notes: list[str] = field(default_factory=list)  # for the user: settings not used, schedules replaced
     lora_hashes: dict[str, str] = field(default_factory=dict)  # `Lora hashes`: name in the prompt -> short hash
     ti_hashes: dict[str, str] = field(default_factory=dict)  # `TI hashes`: embedding name -> short hash
+    refiner: Optional[str] = None  # `Refiner`: the web UI's "NAME [hash]" (microbatch.refiner.find_refiner)
+    refiner_switch: Optional[float] = None  # `Refiner switch at`
 
 
 def parse_lora_hashes(value: str) -> dict[str, str]:
@@ -319,6 +324,9 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
         for key, name in (("Aesthetic score", "aesthetic_score"), ("Negative aesthetic score", "negative_aesthetic_score")):
             if key in f:
                 values[name] = float(f[key])
+        if "Refiner" in f:
+            out.refiner = f["Refiner"]
+            out.refiner_switch = float(f["Refiner switch at"]) if "Refiner switch at" in f else None
         sampler, schedule, notes = webui_sampler(f.get("Sampler", "ddim"), f.get("Schedule type"))
         notes += hires_notes
         eta = f.get("Eta DDIM") if sampler == "ddim" and "Eta DDIM" in f else f.get("Eta")

@@ -41,6 +41,7 @@ from microbatch.memory import choose_batch_size, default_max_batch_size, measure
 from microbatch.metrics import RunMetrics
 from microbatch.offload import apply_offload
 from microbatch.parameters import png_parameters
+from microbatch import refiner as refiners
 from microbatch.request import GenerationRequest, ModelOptions, UsageError
 from microbatch.vae_tiling import encode_tiled
 
@@ -178,8 +179,12 @@ def round_size(value: int, multiple: int, name: str, notes: list[str]) -> int:
 class Pipeline:
     """A loaded model and the settings it was loaded with. Build it with `from_checkpoint` or `load`."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, options: ModelOptions, on_note: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self, loaded: LoadedModel, device: torch.device, options: ModelOptions, on_note: Optional[Callable[[str], None]] = None,
+        refiner: Optional[LoadedModel] = None,
+    ):
         self.loaded = loaded
+        self.refiner = refiner  # the SDXL refiner loaded with `options.refiner` (microbatch.refiner), or None
         self.device = device
         self.options = options
         self.attention = options.attention_backend(device)
@@ -225,6 +230,8 @@ class Pipeline:
         ckpt, is_demo, demo_note = resolve_checkpoint(options.ckpt)
         if demo_note:
             note(demo_note)
+        if options.refiner:
+            refiners.precheck_refiner(Path(options.refiner))
         offload = options.offload != "none" and device.type != "cpu"
         loaded = loader(
             ckpt, Path(options.config) if options.config else None, torch.device("cpu") if offload else device, dtypes, attention,
@@ -236,7 +243,17 @@ class Pipeline:
         if offload:
             apply_offload(loaded.model, options.offload, device)
         logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
-        return cls(loaded, device, options, on_note)
+        refiner = None
+        if options.refiner:
+            path = Path(options.refiner)
+            refiner = loader(path, None, torch.device("cpu") if offload else device, dtypes, attention, parameterization=options.parameterization)
+            refiners.check_refiner(loaded.model, refiner.model, path, str(ckpt))
+            # The base's VAE decodes (see microbatch.refiner): the refiner's own waits on the CPU, unused.
+            refiner.model.first_stage_model.to("cpu")
+            if offload:
+                apply_offload(refiner.model, options.offload, device)
+            logger.info("refiner: %s (%s)", path, refiner.config_reason)
+        return cls(loaded, device, options, on_note, refiner)
 
     @property
     def model(self) -> Any:
@@ -298,6 +315,7 @@ class Pipeline:
         self.check_clip_skip(request.clip_skip)
         jobs = request.jobs() if jobs is None else list(jobs)
         settings = request.settings(height, width, scale, 1, channels=self.model.channels, factor=self.vae_factor)
+        self.plan_refiner(request, settings, notes)
         self.check_micro_conditioning(request, settings, notes)
         if request.hires:
             settings.hires = self.hires_pass(request, settings, notes)
@@ -351,6 +369,8 @@ class Pipeline:
         if not is_sdxl(self.model):
             raise UsageError(f"{', '.join(given)}: SDXL micro-conditioning, but this model is not SDXL ({type(self.model).__name__})")
         keys = set(self.model.conditioner.input_keys)
+        if settings.refiner_switch is not None:  # the refiner reads its own (the aesthetic score)
+            keys |= set(self.refiner.model.conditioner.input_keys)
         reads = {
             "original_size": "original_size_as_tuple" in keys, "crop_coords": "crop_coords_top_left" in keys,
             "target_size": "target_size_as_tuple" in keys, "aesthetic_score": "aesthetic_score" in keys,
@@ -361,6 +381,22 @@ class Pipeline:
             setattr(settings, flag[2:], None)
         if unread:
             notes.append(f"note: this SDXL model's conditioner does not read {', '.join(unread)}: ignored")
+
+    def plan_refiner(self, request: GenerationRequest, settings: SamplingSettings, notes: list[str]) -> None:
+        """Set `settings.refiner_switch` when the refiner takes at least one step of this run (a note says which);
+        a one-line UsageError for a switch without a refiner."""
+        if self.refiner is None:
+            if request.refiner_switch is not None:
+                raise UsageError(f"--refiner_switch {request.refiner_switch:g} needs a refiner: --refiner FILE (Python: Pipeline.from_checkpoint(..., refiner=FILE))")
+            return
+        switch = refiners.DEFAULT_REFINER_SWITCH if request.refiner_switch is None else float(request.refiner_switch)
+        k, n = refiners.refiner_steps(self.model, settings, switch)
+        if k == n:
+            if switch < 1.0:
+                notes.append(f"note: --refiner_switch {switch:g}: the refiner takes none of the {n} steps (their timesteps stay above the switch); the base alone")
+            return
+        settings.refiner_switch = switch
+        notes.append(f"refiner {Path(self.refiner.ckpt).name} takes steps {k + 1}-{n} of {n} (switch at {switch:g} of the noise schedule)")
 
     def check_clip_skip(self, clip_skip: int) -> None:
         """A one-line UsageError when clip_skip exceeds the text encoder's layers."""
@@ -450,10 +486,14 @@ class Pipeline:
         plan = self.plan(request, image_size, jobs)
         for text in plan.notes:
             self.on_note(text)
+        if plan.settings.refiner_switch is not None:
+            if engine.concat_latents is not None:
+                raise UsageError("--refiner with an inpainting model (9-channel UNet) is not supported: the refiner cannot read the mask")
+            engine.refiner = refiners.RefinerStage(Engine(self.refiner.model, self.device, vae_tiling=request.vae_tiling), self.model)
         if request.max_batch_size == "auto" and len(plan.jobs) >= 2:
             plan.settings.max_batch_size = self.auto_batch_size(engine, plan, request)
         settings, total = plan.settings, len(plan.jobs)
-        metrics = RunMetrics(device=str(self.device), model_load_s=self.loaded.load_seconds)
+        metrics = RunMetrics(device=str(self.device), model_load_s=self.loaded.load_seconds + (self.refiner.load_seconds if self.refiner else 0.0))
         metrics.settings = self._metrics_settings(request, plan)
         images: list[GeneratedImage] = []
         self._set_progress(Progress("running", 0, total, 0, plan.steps_run))
@@ -550,9 +590,12 @@ class Pipeline:
         if loras is not None and loras.named:
             job = replace(job, prompt=prompt_with_flag_loras(job.prompt, flag_loras))
             hashes = lora_hashes(list(dict.fromkeys(loras.named)))
+        refiner = None
+        if settings.refiner_switch is not None:
+            refiner = refiners.short_title(self.refiner.ckpt, self.refiner.model_hash)
         return png_parameters(
             job, settings, loaded.model_hash, self.options.precision, loaded.vae_hash, loaded.vae_name, lora_hashes=hashes,
-            ti_hashes=ti_hashes(self.model, used),
+            ti_hashes=ti_hashes(self.model, used), refiner=refiner,
         )
 
     def _metrics_settings(self, request: GenerationRequest, plan: Plan) -> dict[str, Any]:
@@ -568,6 +611,7 @@ class Pipeline:
             "seed": request.seed, "strength": s.strength, "clip_skip": s.clip_skip, "hires": self._hires_metrics(s),
             "guidance_interval": None if s.guidance_interval is None else f"{s.guidance_interval[0]:g} {s.guidance_interval[1]:g}",
             "checkpoint": str(self.loaded.ckpt) if self.loaded.ckpt else None, "config": str(self.loaded.config_path),
+            "refiner": str(self.refiner.ckpt) if s.refiner_switch is not None else None, "refiner_switch": s.refiner_switch,
         }
 
     @staticmethod

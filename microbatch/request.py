@@ -148,6 +148,9 @@ class GenerationRequest:
     hr_upscaler: Optional[str] = None
     hr_steps: Optional[int] = None
     hr_denoising_strength: Optional[float] = None
+    # Base + refiner (microbatch.refiner): the refiner takes over at this fraction of the training schedule, in
+    # (0, 1]; None: 0.8 when the pipeline has a refiner (ModelOptions.refiner); 1: the base alone.
+    refiner_switch: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -186,6 +189,10 @@ class GenerationRequest:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"--{name[0].upper()} must be positive, got {value}")
         self._check_micro_conditioning()
+        if self.refiner_switch is not None:
+            _finite("refiner_switch", self.refiner_switch, "a fraction in (0, 1]")
+            if not 0.0 < self.refiner_switch <= 1.0:
+                raise UsageError(f"--refiner_switch must be a fraction in (0, 1], got {self.refiner_switch}")
         self._check_batching()
         self._check_images()
         self._check_hires()
@@ -375,6 +382,7 @@ class ModelOptions:
     ckpt None: the original default path (`models/ldm/stable-diffusion-v1/model.ckpt`) when it exists, else the
     embedded demo model. config None: the yaml beside the checkpoint, else inferred from the weights. vae None: a
     `<checkpoint stem>.vae.{pt,ckpt,safetensors}` beside the checkpoint when there is one, else the checkpoint's own.
+    refiner: an SDXL refiner checkpoint loaded beside an SDXL base, taking the last steps (microbatch.refiner).
     """
 
     ckpt: Optional[str] = None
@@ -387,9 +395,10 @@ class ModelOptions:
     offload: Offload = "none"
     use_ema: bool = False
     parameterization: Literal["auto", "eps", "v"] = "auto"
+    refiner: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name, what in (("ckpt", "checkpoint"), ("config", "config")):
+        for name, what in (("ckpt", "checkpoint"), ("config", "config"), ("refiner", "refiner")):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, str(value))
