@@ -509,7 +509,10 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
         start = time.perf_counter()
         with stop:
             try:
-                report = run_job(pipeline, rank, cmd.request, outdir, todo, callback=progress.event, save_images=not cmd.output.skip_save)
+                report = run_job(
+                    pipeline, rank, cmd.request, outdir, todo, callback=progress.event, save_images=not cmd.output.skip_save,
+                    should_stop=lambda: stop.signum is not None,
+                )
             finally:
                 progress.close()
         reports = gather(rank, report)

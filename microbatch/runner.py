@@ -212,9 +212,12 @@ def run_job(
     todo: list[ImageJob],
     callback: Optional[Callable] = None,
     save_images: bool = True,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> RankReport:
     """Claim micro-batches of `todo` until none is left (or the pipeline is cancelled), saving each image under its
-    item's name and appending its manifest line (`save_images` False: neither, for speed measurements)."""
+    item's name and appending its manifest line (`save_images` False: neither, for speed measurements).
+    `should_stop()` is asked before each claim: a stop request (a signal) that arrives between two micro-batches,
+    when no `generate` call is running to cancel, still ends the job."""
     samples = outdir / "samples"
     manifest = Manifest(outdir)
     batch = request.max_batch_size
@@ -241,6 +244,9 @@ def run_job(
             report.first_image_s = now - start
 
     while True:
+        if should_stop is not None and should_stop():
+            report.interrupted = True
+            break
         claim = queue.claim(batch)
         if claim is None:
             break

@@ -236,3 +236,21 @@ def test_scaleout_costs_are_measured(tmp_path):
     assert costs["queue_claim_us"] > 0 and costs["manifest_append_us"] > 0
     assert 150 < costs["manifest_line_bytes"] < 400
     assert not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_a_stop_between_micro_batches_ends_the_job(tiny_ckpt, tmp_path):
+    """A signal that arrives while no generate call runs (between two micro-batches) is not lost: run_job asks
+    should_stop before every claim."""
+    from microbatch import GenerationRequest, Pipeline
+    from microbatch.runner import Rank, run_job
+
+    pipe = Pipeline.from_checkpoint(tiny_ckpt, config=TINY, device="cpu", precision="full")
+    request = GenerationRequest(prompt="a cat", n_samples=6, n_iter=1, steps=2, height=32, width=32, max_batch_size=2)
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # the stop comes after the first micro-batch finished
+
+    report = run_job(pipe, Rank(), request, tmp_path, request.jobs(), save_images=False, should_stop=should_stop)
+    assert report.interrupted and report.images == 2
