@@ -19,6 +19,7 @@ from microbatch.engine import Engine, ImageJob, SamplingSettings
 from microbatch.prompts import (
     ScheduledPromptConditioning,
     get_learned_conditioning,
+    get_learned_conditioning_prompt_schedules,
     pad_cond_uncond,
     pad_cond_uncond_v0,
     reconstruct_cond_batch,
@@ -201,6 +202,11 @@ def test_prompt_editing_encodes_its_texts_together_as_the_web_ui(base):
     assert [e.end_at_step for e in got] == [5, 10]
     assert_close(got[0].cond, want[0])
     assert_close(got[1].cond, want[1])
+    # the hires fix's second pass counts `[a:b:N]` from the end of the first pass's steps, as for SD
+    with torch.no_grad():
+        hires = get_learned_conditioning(base, ["[red:blue:15] circle"], 10, hires_steps=10)[0]
+    assert [e.end_at_step for e in hires] == [e for e, _ in get_learned_conditioning_prompt_schedules(["[red:blue:15] circle"], 10, 10)[0]]
+    assert len(hires) == 2 and not torch.equal(hires[0].cond["crossattn"], hires[1].cond["crossattn"])
 
 
 def test_emphasis_on_the_refiner_matches_the_reference(refiner):
@@ -340,6 +346,9 @@ def test_txt2img_script_with_emphasis_break_and_a_long_prompt(base_file, tmp_pat
     pipe = Pipeline.from_checkpoint(base_file, device="cpu", precision="full")
     (api,) = pipe.txt2img(prompt, n=1, steps=3, sampler="euler", seed=5, width=64, height=64, scale=4.0)
     assert api.tobytes() == image.tobytes()
+    # clip skip: no effect on SDXL, written all the same (as the web UI writes its setting)
+    (skipped,) = pipe.txt2img(prompt, n=1, steps=3, sampler="euler", seed=5, width=64, height=64, scale=4.0, clip_skip=2)
+    assert skipped.tobytes() == image.tobytes() and "Clip skip: 2" in skipped.info["parameters"]
 
 
 def test_plain_prompt_images_are_bit_identical_to_the_literal_conditioner(base, monkeypatch):
@@ -349,7 +358,7 @@ def test_plain_prompt_images_are_bit_identical_to_the_literal_conditioner(base, 
     jobs = [ImageJob(0, "an astronaut riding a horse", 3, ""), ImageJob(1, "a bowl of fruit, 4k", 9, "blurry, low quality")]
     now = Engine(base, CPU).sample_batch(jobs, settings)
 
-    def literal(self, text, steps, clip_skip, micro, negative):
+    def literal(self, text, steps, clip_skip, micro, negative, hires_steps=None):
         batch = self.model.conditioning_batch([text], micro.original_size, micro.crop_coords, micro.target_size, micro.aesthetic_score)
         with torch.no_grad():
             cond = self.model.get_learned_conditioning(batch, ["txt"] if negative and text == "" else None)
