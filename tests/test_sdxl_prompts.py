@@ -9,6 +9,7 @@ from its description. Tiny random SDXL base and refiner models in the published 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -299,7 +300,8 @@ def test_an_image_with_a_long_prompt_is_the_same_whichever_images_share_its_micr
     jobs = [ImageJob(0, " ".join(["red circle"] * 45), 4, "blurry"), ImageJob(1, "a (green:1.3) tree", 5, "")]
     together = engine.sample_batch(jobs, settings)
     alone = torch.cat([engine.sample_batch([job], settings) for job in jobs])
-    assert torch.equal(together, alone)
+    split = engine.sample_batch(jobs, dataclasses.replace(settings, split_guidance=True))
+    assert torch.equal(together, alone) and torch.equal(split, alone)  # one-row UNet calls included
 
 
 # -- end to end ------------------------------------------------------------------------------------------------------
