@@ -297,8 +297,8 @@ class GeneralConditioner(nn.Module):
         return min(layers) if layers else None
 
     def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        """batch: the original keys ("txt": B prompts, "original_size_as_tuple" [B, 2] (height, width),
-        "crop_coords_top_left" [B, 2] (top, left), "target_size_as_tuple" [B, 2], "aesthetic_score" [B, 1]).
+        """batch: the original keys ("txt": B prompts, or WeightedPrompts, "original_size_as_tuple" [B, 2] (height,
+        width), "crop_coords_top_left" [B, 2] (top, left), "target_size_as_tuple" [B, 2], "aesthetic_score" [B, 1]).
         Outputs of embedders whose input_key is in `force_zero_embeddings` are zeros (the published sampling's
         negative branch passes ["txt"])."""
         missing = [k for k in self.input_keys if k not in batch]
