@@ -354,6 +354,8 @@ class Pipeline:
             return
         for message in sync_embeddings_dir(self.model, folder):
             self.on_note(message)
+        if self.refiner is not None:  # the refiner's bigG takes the clip_g parts of the same files
+            sync_embeddings_dir(self.refiner.model, folder)
         try:
             check_prompts_for_broken(self.model, [text for job in jobs for text in (job.prompt, job.negative_prompt)], steps)
         except EmbeddingFileError as e:
