@@ -25,6 +25,7 @@ which diffusers applies only to an empty negative prompt too); a non-empty one i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -190,6 +191,10 @@ class Engine:
     keep_mask: Optional[torch.Tensor] = None
     # Tiled VAE decoding (None: always whole), see microbatch.vae_tiling.
     vae_tiling: Optional[TileSettings] = None
+    # Cross-request batching (microbatch.batcher): called once per micro-batch, it returns a participant whose
+    # apply_model the sampler loop uses instead of the model's, registered for the loop's duration (its rows then
+    # share UNet calls with other engines' rows). None: the model's own apply_model.
+    shared_unet: Optional[Callable[[], Any]] = None
     _cond_cache: dict = field(default_factory=dict)
     _warned_vae: bool = False
 
@@ -343,11 +348,12 @@ class Engine:
             if tuple(init_latent.shape[1:]) != settings.latent_shape:
                 raise AssertionError(f"init latent {tuple(init_latent.shape)} does not match {settings.latent_shape}")
 
-        apply_model = self.model.apply_model
+        participant = self.shared_unet() if self.shared_unet is not None else None
+        apply_model = participant.apply_model if participant is not None else self.model.apply_model
         if self.concat_latents is not None:
             concat = self.concat_latents.to(self.device)
 
-            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = self.model.apply_model) -> torch.Tensor:
+            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = apply_model) -> torch.Tensor:
                 return _apply(x_t, t, {"c_concat": [concat.expand(x_t.shape[0], *concat.shape[1:])], "c_crossattn": [context]})
 
         schedule = self.step_conditioning(jobs, settings)
@@ -370,7 +376,9 @@ class Engine:
             if self.step_callback is not None:
                 self.step_callback(batch_index, step)
 
-        with torch.no_grad():
+        # The participant is registered only around the loop: text encoding above and decoding after it never
+        # hold up the other engines' rounds.
+        with torch.no_grad(), (participant if participant is not None else contextlib.nullcontext()):
             x = info.fn(denoiser, x, sigmas, eta=settings.eta, noise=noise, callback=callback)
         x = to_vp(x, float(sigmas[-1]))
         if self.keep_mask is not None:

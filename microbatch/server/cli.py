@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on; anything but a loopback address lets other machines use the server")
     g.add_argument("--port", type=int, default=7860, help="TCP port")
     g = p.add_argument_group("limits and batching")
-    g.add_argument("--max_batch_size", type=str, default=None, help="most images per UNet micro-batch within a request, or auto (default: the scripts')")
+    g.add_argument("--max_batch_size", type=str, default=None, help="most images in flight, all requests together, whose rows share each UNet call; or auto (default: the scripts' for the image size)")
+    g.add_argument("--batching", choices=["on", "off"], default="on", help="on: requests of the same size and LoRA set share UNet calls (continuous batching); off: one request at a time")
     g.add_argument("--max_pixels", type=int, default=1024 * 1024, help="most pixels (width x height) of an image a request may ask for")
     g.add_argument("--max_steps", type=int, default=150, help="most sampling steps a request may ask for")
     g.add_argument("--max_images", type=int, default=16, help="most images (batch_size x n_iter) per request")
@@ -98,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         check_port_free(args.host, args.port)  # before the model loads: a busy port fails in a second, not a minute
         pipeline = Pipeline.load(options, on_note=print)
-        app = create_app(pipeline, limits, max_batch_size)
+        app = create_app(pipeline, limits, max_batch_size, batching=args.batching == "on")
     except (KeyboardInterrupt, UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
         return exit_code_for(e, args.verbose)
     if not is_loopback(args.host):
