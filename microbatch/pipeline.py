@@ -11,9 +11,11 @@ validated when it is built (`microbatch.request`), and this module decides, once
 guidance scale and the micro-batch size (`Pipeline.plan`), prepares img2img / inpainting, runs the micro-batched
 engine and turns finished latents into images with their parameters text.
 
-Threads: one call generates at a time (others wait on a lock); `progress()` and `cancel()` may be called from any
-other thread while it runs. `cancel()` stops after the current sampler step; the call then returns the images
-finished so far and `last_result.interrupted` is True.
+Threads: one `generate` call runs at a time (others wait on a lock); `progress()` and `cancel()` may be called from
+any other thread while it runs. `cancel()` stops after the current sampler step; the call then returns the images
+finished so far and `last_result.interrupted` is True. `run` is the same work without the lock and the shared
+progress, for a caller that runs many requests at once and arranges model access itself (the server's
+`microbatch.server.scheduler`, whose requests share UNet calls).
 """
 from __future__ import annotations
 
