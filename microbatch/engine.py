@@ -29,6 +29,7 @@ encoded. The refiner encodes the empty text too, as published (see `zeroes_empty
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -218,6 +219,10 @@ class Engine:
     vae_tiling: Optional[TileSettings] = None
     # Base + refiner: the refiner's stage (microbatch.refiner.RefinerStage), used when settings.refiner_switch is set.
     refiner: Optional[Any] = None
+    # Cross-request batching (microbatch.batcher): called once per micro-batch, it returns a participant whose
+    # apply_model the sampler loop uses instead of the model's, registered for the loop's duration (its rows then
+    # share UNet calls with other engines' rows). None: the model's own apply_model.
+    shared_unet: Optional[Callable[[], Any]] = None
     _cond_cache: dict = field(default_factory=dict)
     _warned_vae: bool = False
     _noted_sdxl_clip_skip: bool = False
@@ -357,15 +362,20 @@ class Engine:
 
     # -- sampling --
     def guided_denoiser(
-        self, jobs: Sequence[ImageJob], settings: SamplingSettings, init_latent: Optional[torch.Tensor] = None
+        self,
+        jobs: Sequence[ImageJob],
+        settings: SamplingSettings,
+        init_latent: Optional[torch.Tensor] = None,
+        apply_model: Optional[Callable] = None,
     ) -> tuple[Any, GuidedModel]:
         """(D(x, sigma) of this engine's model with guidance, conditioning, inpainting concat or blending; the
-        GuidedModel inside it, whose `calls` count the denoiser calls that prompt editing follows)."""
-        apply_model = self.model.apply_model
+        GuidedModel inside it, whose `calls` count the denoiser calls that prompt editing follows). `apply_model`:
+        what runs the UNet (a cross-request batcher's participant), default the model's own."""
+        apply_model = apply_model if apply_model is not None else self.model.apply_model
         if self.concat_latents is not None:
             concat = self.concat_latents.to(self.device)
 
-            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = self.model.apply_model) -> torch.Tensor:
+            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = apply_model) -> torch.Tensor:
                 return _apply(x_t, t, {"c_concat": [concat.expand(x_t.shape[0], *concat.shape[1:])], "c_crossattn": [context]})
 
         schedule = self.step_conditioning(jobs, settings)
@@ -409,7 +419,8 @@ class Engine:
             if tuple(init_latent.shape[1:]) != settings.latent_shape:
                 raise AssertionError(f"init latent {tuple(init_latent.shape)} does not match {settings.latent_shape}")
 
-        denoiser, guided = self.guided_denoiser(jobs, settings, init_latent)
+        participant = self.shared_unet() if self.shared_unet is not None else None
+        denoiser, guided = self.guided_denoiser(jobs, settings, init_latent, participant.apply_model if participant is not None else None)
         sigmas = get_sigmas(settings.schedule_name(), denoiser, settings.steps)
         if settings.guidance_interval is not None:
             lo, hi = settings.guidance_interval
@@ -426,7 +437,9 @@ class Engine:
             if self.step_callback is not None:
                 self.step_callback(batch_index, dict(step, i=int(step.get("i", 0)) + step_offset) if step_offset else step)
 
-        with torch.no_grad():
+        # The participant is registered only around the loop: text encoding above and decoding after it never
+        # hold up the other engines' rounds.
+        with torch.no_grad(), (participant if participant is not None else contextlib.nullcontext()):
             if self.refiner is not None and settings.refiner_switch is not None:
                 x = self.refiner.sample(self, info.fn, denoiser, guided, x, sigmas, jobs, settings, noise, callback, init_latent)
             else:
