@@ -579,6 +579,28 @@ def find_lora(name: str, lora_dir: Union[str, Path] = DEFAULT_LORA_DIR) -> Optio
     return None
 
 
+def list_loras(lora_dir: Union[str, Path] = DEFAULT_LORA_DIR) -> list[dict]:
+    """The networks in `lora_dir` (searched recursively) as the web UI's /sdapi/v1/loras lists them: name (the
+    file's stem, what a `<lora:NAME:W>` tag says), alias (the training run's `ss_output_name`, else the name), path
+    (relative to the folder) and the file's safetensors metadata (strings)."""
+    root = Path(lora_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()):
+        metadata: dict[str, str] = {}
+        if path.suffix.lower() == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    metadata = dict(f.metadata() or {})
+            except Exception:  # noqa: BLE001 - a damaged file is listed without metadata; using it gives the error
+                metadata = {}
+        out.append({"name": path.stem, "alias": metadata.get("ss_output_name") or path.stem, "path": str(path.relative_to(root)), "metadata": metadata})
+    return out
+
+
 def lora_hash(path: Union[str, Path]) -> str:
     """The web UI's LoRA hash, full sha256 hex: for .safetensors the sha256 of the bytes after the header (kohya's
     "addnet" hash, unchanged by editing the metadata), for other files the sha256 of the whole file. Remembered

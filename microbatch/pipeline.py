@@ -100,6 +100,8 @@ class ProgressEvent:
     steps_total: int  # steps of one micro-batch
     batch_index: int
     image: Optional[GeneratedImage] = None
+    # "step": the sampler's current estimate of the micro-batch's first image ([1, C, h, w] latent, for previews)
+    denoised: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -525,7 +527,9 @@ class Pipeline:
             rows = int(info["x"].shape[0]) if "x" in info else 0
             progress(Progress("running", len(images), total, step, plan.steps_run, batch_images=rows))
             if callback is not None:
-                callback(ProgressEvent("step", len(images), total, step, plan.steps_run, batch_index))
+                denoised = info.get("denoised")
+                preview = denoised[:1].detach() if isinstance(denoised, torch.Tensor) else None
+                callback(ProgressEvent("step", len(images), total, step, plan.steps_run, batch_index, denoised=preview))
             if cancelled():
                 raise Interrupted()
 

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -210,7 +211,8 @@ def test_img2img_resizes_the_init_image_to_width_and_height(client):
     ("txt2img", {"seed": -2}, 422, "seed: Input should be greater than or equal to -1"),
     ("txt2img", {"cfg_scale": "nan"}, 422, "cfg_scale must be a finite number, got nan"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 422, "model 'other.safetensors' is not loaded"),
-    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 2}}, 422, "CLIP_stop_at_last_layers 2 is not supported"),
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, 422, "CLIP_stop_at_last_layers (clip skip) must be an integer from 1 to 12"),
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 9}}, 422, "--clip_skip 9 exceeds the"),
     ("img2img", {"steps": 2}, 422, "img2img needs init_images"),
     ("img2img", {"init_images": ["/etc/hostname"]}, 422, "this server reads no URLs or file paths"),
     ("img2img", {"init_images": ["http://127.0.0.1/x.png"]}, 422, "this server reads no URLs or file paths"),
@@ -225,6 +227,52 @@ def test_bad_requests_are_one_line_422s(client, path, body, status, detail):
     assert r.status_code == status, r.text
     text = r.json()["detail"]
     assert detail in text and "\n" not in text
+
+
+def test_clip_skip_and_lora_tags_give_the_scripts_pixels(client, pipe, tiny_ckpt, tiny_model, tmp_path):
+    """override_settings.CLIP_stop_at_last_layers is the scripts' --clip_skip; a <lora:NAME:W> tag finds its file
+    in the server's lora folder (models/Lora under the working directory by default), listed by /loras."""
+    body = {"prompt": "a red circle", "sampler_name": "Euler", "steps": 2, "seed": 3, "width": 32, "height": 32,
+            "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    out = post_ok(client, "/sdapi/v1/txt2img", body)
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", "a red circle", "--sampler", "euler", "--ddim_steps", "2", "--seed", "3", "--W", "32",
+            "--H", "32", "--n_samples", "1", "--n_iter", "1", "--clip_skip", "2", "--outdir", str(tmp_path / "cs"), *RUN]
+    assert load_script("txt2img").main(argv) == 0
+    images = decode(out["images"])
+    same(images, pngs(tmp_path / "cs"))
+    assert "Clip skip: 2" in images[0].info["parameters"]
+    plain = decode(post_ok(client, "/sdapi/v1/txt2img", {**body, "override_settings": {}})["images"])
+    assert plain[0].tobytes() != images[0].tobytes()
+
+
+def test_loras_are_listed_and_used_by_name(pipe, tiny_ckpt, tiny_model, tmp_path):
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save_file
+
+    from microbatch.server import ServerLimits, create_app
+
+    folder = tmp_path / "loras"
+    (folder / "styles").mkdir(parents=True)
+    g = torch.Generator().manual_seed(3)
+    factors = {}
+    for name, module in tiny_model.model.diffusion_model.named_modules():  # kohya keys may use the ldm layer names
+        if name.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v")):
+            key = "lora_unet_" + name.replace(".", "_")
+            factors[key + ".lora_down.weight"] = torch.randn(4, module.weight.shape[1], generator=g) * 0.3
+            factors[key + ".lora_up.weight"] = torch.randn(module.weight.shape[0], 4, generator=g) * 0.3
+            factors[key + ".alpha"] = torch.tensor(4.0)
+    save_file(factors, str(folder / "styles" / "inky.safetensors"), metadata={"ss_output_name": "inky-v2"})
+    with TestClient(create_app(pipe, ServerLimits(**LIMITS), lora_dir=str(folder))) as c:
+        listed = c.get("/sdapi/v1/loras").json()
+        assert [(x["name"], x["alias"], x["path"]) for x in listed] == [("inky", "inky-v2", str(Path("styles") / "inky.safetensors"))]
+        assert listed[0]["metadata"]["ss_output_name"] == "inky-v2"
+        body = {"prompt": "a red circle <lora:inky:0.8>", "sampler_name": "Euler", "steps": 2, "seed": 3, "width": 32, "height": 32}
+        images = decode(post_ok(c, "/sdapi/v1/txt2img", body)["images"])
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", "a red circle <lora:inky:0.8>", "--lora_dir", str(folder), "--sampler", "euler",
+            "--ddim_steps", "2", "--seed", "3", "--W", "32", "--H", "32", "--n_samples", "1", "--n_iter", "1", "--outdir", str(tmp_path / "l"), *RUN]
+    assert load_script("txt2img").main(argv) == 0
+    same(images, pngs(tmp_path / "l"))
+    assert "Lora hashes:" in images[0].info["parameters"]
 
 
 def test_txt2img_hires_fix_gives_the_scripts_pixels(client, tiny_ckpt, tmp_path):
@@ -356,6 +404,10 @@ def test_progress_skip_and_interrupt(client, pipe, monkeypatch):
     state = progress["state"]
     assert (state["job"], state["job_count"], state["job_no"], state["sampling_step"], state["sampling_steps"]) == ("txt2img", 3, 0, 1, 4)
     assert progress["progress"] == pytest.approx(0.25 / 3) and progress["eta_relative"] > 0
+    # The live preview: the first step's estimate of the image, decoded (the web UI's current_image).
+    preview = decode([progress["current_image"]])[0]
+    assert preview.size == (32, 32) and np.asarray(preview).std() > 0
+    assert client.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
     assert client.post("/sdapi/v1/skip").json() == {}  # batch 0 stops after this step; batch 1 runs
     gate.release[0].set()
     assert gate.reached[2].wait(30)

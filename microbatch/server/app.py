@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from microbatch.hires import UPSCALERS
+from microbatch.lora import list_loras
 from microbatch.pipeline import Pipeline
 from microbatch.request import UsageError
 from microbatch.server.payloads import Img2ImgRequest, OptionsUpdate, PngInfoRequest, Txt2ImgRequest
@@ -117,21 +118,24 @@ def create_app(
     embeddings_dir: str = "embeddings",
     security: Optional[SecurityOptions] = None,
     batching: bool = True,
+    lora_dir: str = "models/Lora",
 ) -> FastAPI:
     """The web UI API over `pipeline`. `limits`: what one request may ask for (default `ServerLimits()`);
     `max_batch_size`: most images in flight, whose rows share each UNet call (an int, "auto", or None for the
     scripts' default for the image size); `embeddings_dir`: the textual-inversion embeddings prompts may use
     (loaded now, and again by a request when its files changed); `security`: credentials every route needs and
-    CORS origins (default: none, CORS off); `batching` False: one request at a time. Running requests finish
-    before the app's shutdown completes."""
+    CORS origins (default: none, CORS off); `batching` False: one request at a time; `lora_dir`: where prompts'
+    `<lora:NAME:W>` tags find their files (listed by /sdapi/v1/loras). Running requests finish before the app's
+    shutdown completes."""
     limits = limits or ServerLimits()
-    service = Service(pipeline, limits, max_batch_size, embeddings_dir, batching)
+    service = Service(pipeline, limits, max_batch_size, embeddings_dir, batching, lora_dir)
     worker = Worker(pipeline, limits.max_queue, on_stop=service.scheduler.admission.wake)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await run_in_threadpool(worker.close)
+        await run_in_threadpool(service.scheduler.close)
 
     app = FastAPI(title="microbatch-diffusion", version=VERSION, description=__doc__, lifespan=lifespan)
     app.state.service = service
@@ -209,7 +213,8 @@ def create_app(
         fraction = (control.batch_no + (snap.fraction if snap.state == "running" else 0.0)) / max(1, control.batches)
         elapsed = max(0.0, time.time() - control.started)
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
-        return {"progress": min(1.0, fraction), "eta_relative": eta, "state": state, "current_image": None, "textinfo": textinfo}
+        current = None if skip_current_image else await run_in_threadpool(service.preview, control)
+        return {"progress": min(1.0, fraction), "eta_relative": eta, "state": state, "current_image": current, "textinfo": textinfo}
 
     @app.post("/sdapi/v1/interrupt", tags=["sdapi"])
     async def interrupt() -> dict[str, Any]:
@@ -264,7 +269,8 @@ def create_app(
 
     @app.post("/sdapi/v1/options", tags=["sdapi"])
     async def set_options(update: OptionsUpdate) -> None:
-        """Set eta_ddim / eta_ancestral; the model, VAE, clip skip and format can only be set to what they are."""
+        """Set eta_ddim / eta_ancestral / CLIP_stop_at_last_layers (clip skip); the model, VAE and format can only be
+        set to what they are."""
         reason = options_problem(update.model_dump(exclude_unset=True))
         if reason:  # a file named with a path: refused before anything looks at it
             raise UsageError(reason)
@@ -272,7 +278,9 @@ def create_app(
 
     @app.get("/sdapi/v1/loras", tags=["sdapi"])
     async def loras() -> list[dict[str, Any]]:
-        return []  # LoRA files come with the issue that adds them
+        """The LoRA / LyCORIS files in the server's --lora_dir: name (what a prompt's <lora:NAME:W> says), alias,
+        path (relative to the folder) and metadata, as the web UI lists them."""
+        return await run_in_threadpool(list_loras, service.lora_dir)
 
     @app.get("/sdapi/v1/embeddings", tags=["sdapi"])
     async def embeddings() -> dict[str, Any]:

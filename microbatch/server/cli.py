@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast", help="autocast: half precision where it is safe and fast; full: float32")
     g.add_argument("--attention", type=str, default="auto", choices=list(BACKENDS), help="attention kernel")
     g.add_argument("--offload", type=str, default="none", choices=["none", "model", "sequential"], help="GPU memory saving (see the scripts' --offload)")
+    g.add_argument("--lora_dir", type=str, default="models/Lora", help="where prompts' <lora:NAME:W> tags find their files (listed by /sdapi/v1/loras)")
     g.add_argument("--embeddings_dir", type=str, default="embeddings", help="textual-inversion embeddings prompts may name (.pt, .bin, .safetensors, searched recursively)")
     g = p.add_argument_group("network")
     g.add_argument("--host", type=str, default=None, help="address to listen on (default 127.0.0.1); anything but a loopback address lets other machines use the server and needs --api-auth, --api-key or --insecure")
@@ -136,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pipeline = Pipeline.load(options, on_note=print)
         if args.embeddings_dir != "embeddings" and not Path(args.embeddings_dir).is_dir():
             raise UsageError(f"--embeddings_dir {args.embeddings_dir}: no such folder")
-        app = create_app(pipeline, limits, max_batch_size, args.embeddings_dir, security, batching=args.batching == "on")
+        app = create_app(pipeline, limits, max_batch_size, args.embeddings_dir, security, batching=args.batching == "on", lora_dir=args.lora_dir)
     except (KeyboardInterrupt, UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
         return exit_code_for(e, args.verbose)
     if not is_loopback(host) and not security.auth_required:

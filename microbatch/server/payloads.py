@@ -82,6 +82,7 @@ class OptionsUpdate(BaseModel):
     sd_vae: Optional[str] = None
     eta_ddim: Optional[float] = None
     eta_ancestral: Optional[float] = None
+    CLIP_stop_at_last_layers: Optional[int] = None
     samples_format: Optional[str] = None
 
 

@@ -57,6 +57,14 @@ class Scheduler:
         self._auto: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """After the last request: take the requests' LoRAs out again, so the pipeline holds only the networks it
+        had when the server started (a Python caller may go on using it)."""
+        with self._lock:
+            if self._applied:
+                set_loras(self.pipeline.model, self._base)
+                self._applied = ()
+
     def ticket(self) -> Ticket:
         """A request's place in the queue; close it when the request is done."""
         return self.admission.ticket()

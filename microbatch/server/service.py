@@ -16,13 +16,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import torch
 from PIL import Image, ImageOps
 
 from microbatch.embeddings import loaded_embeddings
 from microbatch.parameters import parse_png_parameters
-from microbatch.pipeline import GeneratedImage, Pipeline, Plan
+from microbatch.images import to_uint8
+from microbatch.pipeline import GeneratedImage, Pipeline, Plan, ProgressEvent
 from microbatch.request import GenerationRequest, UsageError
 from microbatch.server.codec import decode_image, encode_png, png_text
 from microbatch.hires import hires_size
@@ -61,6 +63,7 @@ class ServerOptions:
 
     eta_ddim: float = 0.0
     eta_ancestral: float = 1.0
+    CLIP_stop_at_last_layers: int = 1  # the web UI's "Clip skip"
 
 
 @dataclass
@@ -74,14 +77,29 @@ class BuiltRequest:
 
 
 # Options a client may send that change images if ignored, with the only value this server honours.
-_FIXED_OPTIONS = {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+_FIXED_OPTIONS = {"samples_format": "png"}
+
+
+PREVIEW_EVERY_S = 1.0
+
+
+def _keep_preview(control: TaskControl) -> Callable[[ProgressEvent], None]:
+    """A run callback that keeps the latest step's estimate (a small latent, no decoding) for /progress."""
+
+    def keep(event: ProgressEvent) -> None:
+        if event.kind == "step" and event.denoised is not None:
+            control.preview_latent = event.denoised
+            control.preview_step += 1
+
+    return keep
 
 
 class Service:
     """The server's state around one loaded `Pipeline`: limits, options and the translations both ways."""
 
     def __init__(
-        self, pipeline: Pipeline, limits: ServerLimits, max_batch_size: Any = None, embeddings_dir: str = "embeddings", batching: bool = True
+        self, pipeline: Pipeline, limits: ServerLimits, max_batch_size: Any = None, embeddings_dir: str = "embeddings", batching: bool = True,
+        lora_dir: str = "models/Lora",
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits
@@ -90,6 +108,7 @@ class Service:
         self.options = ServerOptions()
         self._options_lock = threading.Lock()
         self.embeddings_dir = str(embeddings_dir)
+        self.lora_dir = str(lora_dir)
         # loaded before the first request, so that /sdapi/v1/embeddings lists them; requests reload changed files
         notes: list[str] = []
         pipeline.prepare_embeddings(self.embeddings_dir, [], 1, notes)
@@ -134,7 +153,8 @@ class Service:
             return {
                 "sd_model_checkpoint": self.model_title, "sd_checkpoint_hash": self.pipeline.loaded.model_hash,
                 "sd_vae": self.pipeline.loaded.vae_name or "Automatic", "eta_ddim": self.options.eta_ddim,
-                "eta_ancestral": self.options.eta_ancestral, **_FIXED_OPTIONS,
+                "eta_ancestral": self.options.eta_ancestral, "CLIP_stop_at_last_layers": self.options.CLIP_stop_at_last_layers,
+                **_FIXED_OPTIONS,
             }
 
     def set_options(self, update: OptionsUpdate) -> None:
@@ -145,9 +165,10 @@ class Service:
             for key, value in values.items():
                 setattr(self.options, key, value)
 
-    def _checked_options(self, values: dict[str, Any]) -> dict[str, float]:
-        """The eta options among `values` as floats, after checking the others name what the server has."""
-        out: dict[str, float] = {}
+    def _checked_options(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The eta options among `values` as floats and clip skip as an int, after checking the others name what
+        the server has."""
+        out: dict[str, Any] = {}
         for key, value in values.items():
             if key == "sd_model_checkpoint" and value is not None and not self._is_this_model(str(value)):
                 raise UsageError(f"model {value!r} is not loaded; this server serves {self.model_title!r} (see /sdapi/v1/sd-models)")
@@ -157,9 +178,14 @@ class Service:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                     raise UsageError(f"{key} must be a finite number >= 0, got {value!r}")
                 out[key] = float(value)
+            elif key == "CLIP_stop_at_last_layers" and value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
+                    raise UsageError(f"CLIP_stop_at_last_layers (clip skip) must be an integer from 1 to 12, got {value!r}")
+                self.pipeline.check_clip_skip(value)
+                out[key] = int(value)
             elif key in _FIXED_OPTIONS and value is not None and value != _FIXED_OPTIONS[key]:
                 raise UsageError(f"{key} {value!r} is not supported; this server uses {_FIXED_OPTIONS[key]!r}")
-            elif key not in ("sd_model_checkpoint", "sd_vae", "eta_ddim", "eta_ancestral", *_FIXED_OPTIONS):
+            elif key not in ("sd_model_checkpoint", "sd_vae", "eta_ddim", "eta_ancestral", "CLIP_stop_at_last_layers", *_FIXED_OPTIONS):
                 logger.debug("option %s ignored (not used by this server)", key)
         return out
 
@@ -180,6 +206,7 @@ class Service:
         with self._options_lock:
             eta_ddim = overrides.get("eta_ddim", self.options.eta_ddim)
             eta_ancestral = overrides.get("eta_ancestral", self.options.eta_ancestral)
+            clip_skip = overrides.get("CLIP_stop_at_last_layers", self.options.CLIP_stop_at_last_layers)
         sampler, schedule = resolve_sampler(payload.sampler_name or payload.sampler_index, payload.scheduler)
         info = get_sampler(sampler)
         eta = None
@@ -190,7 +217,7 @@ class Service:
         fields: dict[str, Any] = dict(
             prompt=payload.prompt, negative_prompt=payload.negative_prompt, n_samples=payload.batch_size, n_iter=payload.n_iter,
             seed=seed, sampler=sampler, steps=payload.steps, schedule=schedule, eta=eta, scale=payload.cfg_scale,
-            max_batch_size=self.max_batch_size, embeddings_dir=self.embeddings_dir,
+            max_batch_size=self.max_batch_size, embeddings_dir=self.embeddings_dir, lora_dir=self.lora_dir, clip_skip=clip_skip,
         )
         echo = payload.model_dump()
         if mode == "txt2img":
@@ -285,7 +312,7 @@ class Service:
                     break
                 control.batch_no, control.skipped = k, False
                 result = self.pipeline.run(request, jobs=jobs[k * per_batch : (k + 1) * per_batch], progress=control.set_progress,
-                                           cancelled=control.should_stop, sampling=sampling)
+                                           cancelled=control.should_stop, sampling=sampling, callback=_keep_preview(control))
                 images += result.images
                 plan = result.plan
                 if result.interrupted and (control.interrupted or control.disconnected):
@@ -293,6 +320,24 @@ class Service:
                     break
         encoded = [encode_png(image.array, {"parameters": image.parameters}) for image in images] if built.send_images else []
         return {"images": encoded, "parameters": built.echo, "info": json.dumps(self.info(built, images, plan, interrupted))}
+
+    def preview(self, control: TaskControl) -> Optional[str]:
+        """The running request's live preview for /progress (the web UI's current_image): its latest step's estimate
+        of the first image, decoded by the VAE into a base64 PNG; made again only when a newer step is there and
+        PREVIEW_EVERY_S have passed, so polling clients cost at most one decode per interval and never hold up the
+        sampling (this runs in /progress's thread, not in the request's)."""
+        latent, step = control.preview_latent, control.preview_step
+        if latent is None:
+            return control.preview_png
+        if step != control.preview_made_step and time.time() - control.preview_made_at >= PREVIEW_EVERY_S:
+            control.preview_made_at = time.time()
+            model = self.pipeline.model
+            with torch.no_grad():
+                image = model.decode_first_stage(latent.to(self.pipeline.device, next(model.first_stage_model.parameters()).dtype))
+            pixels = torch.clamp((image.float() + 1.0) / 2.0, 0.0, 1.0)[0].cpu()
+            control.preview_png = encode_png(to_uint8(pixels))
+            control.preview_made_step = step
+        return control.preview_png
 
     def info(self, built: BuiltRequest, images: list[GeneratedImage], plan: Optional[Plan], interrupted: bool) -> dict[str, Any]:
         """The web UI's `info` object for the images made (its lists hold one entry per returned image)."""

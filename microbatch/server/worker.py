@@ -47,6 +47,13 @@ class TaskControl:
     started: float = 0.0
     timestamp: str = ""
     progress: Progress = field(default_factory=lambda: Progress("idle"))
+    # The live preview: the latest step's estimate of the first image (set by the request's thread), and the base64
+    # PNG /progress made of it (made there, in a thread of its own, at most every PREVIEW_EVERY_S).
+    preview_latent: Optional[Any] = None
+    preview_step: int = 0
+    preview_png: Optional[str] = None
+    preview_made_step: int = -1
+    preview_made_at: float = 0.0
 
     def should_stop(self) -> bool:
         """Whether the batch in progress must stop (skip, interrupt, or the client went away)."""
