@@ -221,3 +221,23 @@ def test_tome_and_deepcache_flags_parameters_round_trip_and_errors(tiny_ckpt, tm
         assert txt2img.main([*run, *flags, "--outdir", str(tmp_path / "c")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --" + flags[0][2:]) and err.count("\n") == 0
+
+
+def test_eval_demo_setting_flag(tmp_path, capsys):
+    eval_demo = load_script("eval_demo")
+    assert eval_demo.parse_settings(["tome=0.5", "guidance_interval=(0.28, 5.42)"]) == {"tome": 0.5, "guidance_interval": (0.28, 5.42)}
+    for bad in (["nonsense=1"], ["tome"], ["tome=abc"]):
+        assert eval_demo.main(["--setting", *bad, "--outdir", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.startswith("error: --setting")
+
+
+@pytest.mark.slow
+def test_eval_demo_runs_with_the_savings(tmp_path):
+    """About 40 s on 2 cores: every one of the 54 combinations, 3 steps."""
+    eval_demo = load_script("eval_demo")
+    args = ["--seeds", "1", "--samplers", "ddim", "--steps", "3", "--img2img_seeds", "0", "--outdir", str(tmp_path)]
+    assert eval_demo.main([*args, "--setting", "tome=0.5", "--setting", "deepcache=2"]) == 0
+    import json
+
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["settings"] == {"tome": 0.5, "deepcache": 2} and len(summary["adherence"]) == 1
