@@ -128,6 +128,8 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--lora_dir", type=str, default="models/Lora", help="where <lora:NAME:...> prompt tags find their files (NAME.safetensors, .pt or .ckpt, searched recursively)")
     g.add_argument("--embeddings_dir", type=str, default="embeddings", help="textual-inversion embeddings (.pt, .bin, .safetensors, searched recursively): a prompt or negative prompt uses one by writing its file name without the suffix")
     g.add_argument("--guidance_interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None, help="classifier-free guidance only at noise levels sigma in [SIGMA_LO, SIGMA_HI] (inf allowed); elsewhere the unconditional half is not computed (faster, approximate; README \"Step savings\")")
+    g.add_argument("--tome", type=float, default=None, metavar="RATIO", help="token merging (ToMe for SD): merge RATIO of the tokens before self-attention in the highest-resolution transformer blocks (0 < RATIO <= 0.75; 0.5 is the published maximum; faster, approximate; README \"Step savings\")")
+    g.add_argument("--deepcache", type=int, default=None, metavar="N", help="DeepCache: run the whole UNet every N-th denoiser call and only its shallowest blocks with the cached deep features in between (faster, approximate; README \"Step savings\")")
     g.add_argument("--clip_skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end, as the web UI's Clip skip (SD 1.x; no effect on SD 2.x); 1 = the last layer")
     g.add_argument("--refiner_switch", type=float, default=None, help="with --refiner: the fraction of the noise schedule after which the refiner takes over (the web UI's 'Switch at'; 1 = the base alone; default 0.8)")
 
@@ -255,7 +257,7 @@ def _request_fields(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         seed=args.seed, fixed_code=args.fixed_code, sampler="plms" if args.plms else (args.sampler or "ddim"), steps=args.ddim_steps,
         schedule=args.schedule, eta=args.ddim_eta, scale=args.scale, max_batch_size=_int_or_auto(args.max_batch_size),
         max_memory=args.max_memory, split_guidance=args.split_guidance, clip_skip=args.clip_skip,
-        guidance_interval=_pair(args.guidance_interval, float),
+        guidance_interval=_pair(args.guidance_interval, float), tome=args.tome, deepcache=args.deepcache,
         original_size=_pair(args.original_size), crop_coords=_pair(args.crop_coords), target_size=_pair(args.target_size),
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         loras=tuple(parse_lora_flag(v) for v in args.lora or ()), lora_dir=args.lora_dir,

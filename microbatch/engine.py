@@ -41,6 +41,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from microbatch.devices import empty_cache, is_out_of_memory
 from microbatch.hires import crop_latents, upscale_latents, upscale_pixels
 from microbatch.loading import vae_factor_of
+from microbatch.step_savings import step_savings, unet_of
 from microbatch.vae_tiling import TileSettings, decode_tiled, encode_tiled
 from ldm.modules.encoders.modules import LongPromptEncoder
 from microbatch.prompts import (
@@ -116,6 +117,9 @@ class SamplingSettings:
     clip_skip: int = 1
     # (sigma_lo, sigma_hi): classifier-free guidance only at noise levels in it (GuidedModel.t_interval); None: always
     guidance_interval: Optional[tuple[float, float]] = None
+    # Token merging ratio (ToMe for SD) and DeepCache interval, see microbatch.step_savings; None: off
+    tome: Optional[float] = None
+    deepcache: Optional[int] = None
     # SDXL micro-conditioning, in pixels (height, width) / (top, left); None: the published defaults (original and
     # target size = the image's size, crop (0, 0), aesthetic score 6.0 and 2.5 for the negative branch, refiner only)
     original_size: Optional[tuple[int, int]] = None
@@ -437,9 +441,16 @@ class Engine:
             if self.step_callback is not None:
                 self.step_callback(batch_index, dict(step, i=int(step.get("i", 0)) + step_offset) if step_offset else step)
 
+        # the step savings count this micro-batch's denoiser calls: GuidedModel counts a call before the UNet runs
+        savings: Any = contextlib.nullcontext()
+        if settings.tome is not None or settings.deepcache is not None:
+            if self.shared_unet is not None:
+                # they are set on the model, which a cross-request batcher shares with other requests' rows
+                raise ValueError("--tome and --deepcache are not available with cross-request batching (the server's); run without them")
+            savings = step_savings(unet_of(self.model), lambda: guided.calls - 1, settings.tome, settings.deepcache)
         # The participant is registered only around the loop: text encoding above and decoding after it never
         # hold up the other engines' rounds.
-        with torch.no_grad(), (participant if participant is not None else contextlib.nullcontext()):
+        with torch.no_grad(), savings, (participant if participant is not None else contextlib.nullcontext()):
             if self.refiner is not None and settings.refiner_switch is not None:
                 x = self.refiner.sample(self, info.fn, denoiser, guided, x, sigmas, jobs, settings, noise, callback, init_latent)
             else:

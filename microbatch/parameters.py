@@ -47,6 +47,11 @@ def png_parameters(
         fields.append(f"Clip skip: {settings.clip_skip}")
     if settings.guidance_interval is not None:
         fields.append(f"Guidance interval: {settings.guidance_interval[0]:g} {settings.guidance_interval[1]:g}")
+    if settings.tome is not None:
+        # the web UI's key for its (tomesd) token merging; it writes none for ratio 0
+        fields.append(f"Token merging ratio: {settings.tome:g}")
+    if settings.deepcache is not None:
+        fields.append(f"DeepCache: {settings.deepcache}")
     fields += [f"Eta: {settings.eta:g}", f"Precision: {precision}"]
     if settings.strength is not None:
         fields.append(f"Denoising strength: {settings.strength:g}")
@@ -128,6 +133,7 @@ FLAG_OF = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "ddim_steps", "seed": "seed", "width": "W",
     "height": "H", "scale": "scale", "eta": "ddim_eta", "sampler": "sampler", "schedule": "schedule",
     "strength": "strength", "precision": "precision", "clip_skip": "clip_skip", "guidance_interval": "guidance_interval",
+    "tome": "tome", "deepcache": "deepcache",
     "original_size": "original_size",
     "crop_coords": "crop_coords", "target_size": "target_size", "aesthetic_score": "aesthetic_score",
     "negative_aesthetic_score": "negative_aesthetic_score", "hr_scale": "hr_scale", "hr_resize_x": "hr_resize_x",
@@ -164,7 +170,7 @@ KNOWN_KEYS = frozenset({
     "Steps", "Sampler", "Schedule", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
     "VAE", "Eta", "Eta DDIM", "Precision", "Denoising strength", "Clip skip", "Version", "Original size", "Crop coords",
     "Target size", "Aesthetic score", "Negative aesthetic score", "Lora hashes", "TI hashes", "Hires upscale", "Hires resize",
-    "Hires steps", "Hires upscaler", "Refiner", "Refiner switch at",
+    "Hires steps", "Hires upscaler", "Refiner", "Refiner switch at", "Guidance interval", "Token merging ratio", "DeepCache",
 })
 # The web UI's default hr_scale (its slider), for a PNG that names a hires upscaler but no scale or resize.
 WEBUI_HR_SCALE = 2.0
@@ -315,6 +321,10 @@ def png_settings_from_text(text: str, source: str = "the parameters text") -> Pn
         if "Guidance interval" in f:
             lo, hi = (float(v) for v in f["Guidance interval"].split())
             values["guidance_interval"] = (lo, hi)
+        if "Token merging ratio" in f:
+            values["tome"] = float(f["Token merging ratio"])
+        if "DeepCache" in f:
+            values["deepcache"] = int(f["DeepCache"])
         for key, name in (("Original size", "original_size"), ("Target size", "target_size")):
             if key in f:
                 values[name] = _size_field(f[key])

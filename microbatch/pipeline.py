@@ -636,6 +636,7 @@ class Pipeline:
             "precision": self.options.precision, "dtypes": self.loaded.dtypes.describe(), "attention": attention,
             "seed": request.seed, "strength": s.strength, "clip_skip": s.clip_skip, "hires": self._hires_metrics(s),
             "guidance_interval": None if s.guidance_interval is None else f"{s.guidance_interval[0]:g} {s.guidance_interval[1]:g}",
+            "tome": s.tome, "deepcache": s.deepcache,
             "checkpoint": str(self.loaded.ckpt) if self.loaded.ckpt else None, "config": str(self.loaded.config_path),
             "refiner": str(self.refiner.ckpt) if s.refiner_switch is not None else None, "refiner_switch": s.refiner_switch,
         }

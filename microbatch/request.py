@@ -133,6 +133,9 @@ class GenerationRequest:
     clip_skip: int = 1
     # Guidance only at noise levels sigma in [lo, hi] (README, "Step savings"); None: at every step.
     guidance_interval: Optional[tuple[float, float]] = None
+    # Token merging ratio (ToMe for SD) and DeepCache interval (README, "Step savings"); None: off.
+    tome: Optional[float] = None
+    deepcache: Optional[int] = None
     # SDXL micro-conditioning (README, "SDXL"); None: the published defaults. Pixels: (height, width), (top, left).
     original_size: Optional[tuple[int, int]] = None
     crop_coords: Optional[tuple[int, int]] = None
@@ -184,6 +187,12 @@ class GenerationRequest:
             if len(gi) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) for v in gi) or not 0 <= gi[0] < gi[1]:
                 raise UsageError(f"--guidance_interval needs SIGMA_LO SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI (inf allowed), got {gi}")
             object.__setattr__(self, "guidance_interval", (float(gi[0]), float(gi[1])))
+        if self.tome is not None:
+            if isinstance(self.tome, bool) or not isinstance(self.tome, (int, float)) or not 0.0 <= self.tome <= 0.75:
+                raise UsageError(f"--tome must be a ratio in [0, 0.75] (tokens merged away; 0.5 is the published maximum), got {self.tome!r}")
+            object.__setattr__(self, "tome", float(self.tome))
+        if self.deepcache is not None:
+            _positive_int("deepcache", self.deepcache)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -358,6 +367,7 @@ class GenerationRequest:
             sampler=self.sampler, steps=self.steps, schedule=self.schedule, eta=float(self.eta), guidance_scale=float(scale),
             height=height, width=width, channels=channels, factor=factor, max_batch_size=max_batch_size,
             split_guidance=self.split_guidance, strength=self.strength, clip_skip=self.clip_skip, guidance_interval=self.guidance_interval,
+            tome=self.tome, deepcache=self.deepcache,
             original_size=self.original_size, crop_coords=self.crop_coords, target_size=self.target_size,
             aesthetic_score=self.aesthetic_score, negative_aesthetic_score=self.negative_aesthetic_score,
         )

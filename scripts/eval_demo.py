@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -126,11 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--img2img_seeds", type=int, default=8, help="seeds of the red -> blue img2img check (0: skip)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/eval-demo"))
+    p.add_argument("--setting", type=str, action="append", default=[], metavar="FIELD=VALUE", help="set a SamplingSettings field for the adherence runs, VALUE a Python literal (repeatable): --setting tome=0.5 --setting deepcache=3 --setting 'guidance_interval=(0.28, 5.42)'")
     return p
+
+
+def parse_settings(items: Sequence[str]) -> dict:
+    """--setting FIELD=VALUE items -> {field: value}; ValueError for an unknown field or a value that is no literal."""
+    import ast
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(SamplingSettings)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in fields:
+            raise ValueError(f"--setting needs FIELD=VALUE with a SamplingSettings field, got {item!r}")
+        try:
+            out[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--setting {item!r}: the value must be a Python literal") from None
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        extra = parse_settings(args.setting)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.seeds < 1 or args.steps < 1:
         print(f"error: --seeds and --steps must be positive, got {args.seeds} and {args.steps}", file=sys.stderr)
         return 2
@@ -152,13 +177,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for sampler in args.samplers.split(","):
             start = time.perf_counter()
             name = f"{sampler} {args.steps} steps, scale {scale:g}"
-            results[name], images = adherence(loaded, labels, seeds, settings_for(sampler, args.steps, scale))
+            results[name], images = adherence(loaded, labels, seeds, replace(settings_for(sampler, args.steps, scale), **extra))
             r = results[name]
             print(f"{name}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             Image.fromarray(grid(images[: len(labels)], columns=9)).save(args.outdir / f"grid-{sampler}-{scale:g}.png")
     table = markdown_table(results, len(labels) * len(seeds))
     print(table)
-    summary: dict = {"checkpoint": str(loaded.ckpt), "precision": args.precision, "seeds": seeds, "adherence": results}
+    summary: dict = {"checkpoint": str(loaded.ckpt), "precision": args.precision, "seeds": seeds, "settings": extra, "adherence": results}
     if args.img2img_seeds > 0:
         i2i_scale = default_scale(loaded, "img2img")
         summary["img2img_blue"] = {}

@@ -86,11 +86,29 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
+        # Token merging (ldm.modules.token_merging.TokenMerge), set for a run by microbatch.step_savings; None: exact.
+        self.token_merge = None
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """x [B, N, dim] (N = h * w tokens of the grid (h, w), which token merging needs), context [B, M, C]."""
+        if self.token_merge is not None and grid is not None:
+            return self._forward_merged(x, context, grid)
         x = x + self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context=context)
         return x + self.ff(self.norm3(x))
+
+    def _forward_merged(self, x: torch.Tensor, context: Optional[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """The forward with the chosen parts on merged tokens (ToMe for SD): merge after the norm, unmerge the
+        part's output before the residual add."""
+        merge, unmerge = self.token_merge.plan(x, grid)
+        s = self.token_merge.settings
+        plain = lambda t: t  # noqa: E731
+        m_a, u_a = (merge, unmerge) if s.merge_attn else (plain, plain)
+        m_c, u_c = (merge, unmerge) if s.merge_crossattn else (plain, plain)
+        m_m, u_m = (merge, unmerge) if s.merge_mlp else (plain, plain)
+        x = x + u_a(self.attn1(m_a(self.norm1(x)), context=context if self.disable_self_attn else None))
+        x = x + u_c(self.attn2(m_c(self.norm2(x)), context=context))
+        return x + u_m(self.ff(m_m(self.norm3(x))))
 
 
 class SpatialTransformer(nn.Module):
@@ -143,7 +161,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context=context)
+            x = block(x, context=context, grid=(h, w))
         if self.use_linear:
             x = self.proj_out(x)
         # [B, H*W, C] -> [B, C, H, W] as a permuted view, whose strides are the same for every B: reshaping the

@@ -329,6 +329,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+        # DeepCache (ldm.modules.diffusionmodules.deep_cache.DeepCache), set for a run by microbatch.step_savings;
+        # None: every call runs the whole UNet.
+        self.deep_cache = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -354,14 +357,35 @@ class UNetModel(nn.Module):
         if context is not None:
             context = context.to(dtype)
         h = x.to(dtype)
+        cache = self.deep_cache
+        cached = None if cache is None else cache.lookup(x, context, y)
+        if cached is not None:
+            return self._forward_shallow(h, emb, context, cached, cache.shallow_blocks).to(x.dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        first_shallow = len(self.output_blocks) - (0 if cache is None else cache.shallow_blocks)
+        for j, block in enumerate(self.output_blocks):
+            if j == first_shallow:
+                cache.store(h)
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+    def _forward_shallow(self, h: torch.Tensor, emb: "torch.Tensor | TimeEmbedding", context: Optional[torch.Tensor], deep: torch.Tensor, m: int) -> torch.Tensor:
+        """DeepCache's cheap call: the first m input blocks, then the last m output blocks with the cached deep
+        feature [B, C, h', w'] in place of what the skipped blocks would have given (see deep_cache.py)."""
+        if not 0 < m < len(self.input_blocks):
+            raise ValueError(f"DeepCache branch {m - 1} does not exist: the UNet has {len(self.input_blocks)} input blocks")
+        skips = []
+        for block in self.input_blocks[:m]:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = deep
+        for block in self.output_blocks[len(self.output_blocks) - m :]:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
 
     def _time_and_label_embedding(self, timesteps: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> TimeEmbedding:
         """time_embed(t) + label_emb(y), computed once per distinct (t, y) row: [U, C] and the index [B]."""
