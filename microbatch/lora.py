@@ -24,7 +24,11 @@ order gives the same bits as applying only the rest, and removing the last one c
 Measured (CPU, 1 thread): the tiny test model, a 103-layer LoCon file: apply 46 ms with the file read, remove
 3 ms, a step unchanged. Full-size SD 1.x: a kohya LoRA touches 264 weights (192 UNet attention, 72 text; 352 M
 values, so 0.7 GB of fp16 originals kept), a LoCon 66 convolutions more (564 M); delta + merge timed per distinct
-shape at rank 32 and summed: about 3.2 s and 16 s per application on one CPU thread.
+shape at rank 32 and summed: about 3.2 s and 16 s per application on one CPU thread. Full-size SDXL base, kohya's
+default targets (every transformer block's linears and proj_in / proj_out, both text encoders' attention and MLP
+linears: 986 layers on 922 weights, bigG's q / k / v sharing in_proj_weight): 2.92 G values, nearly the whole
+UNet, so 5.4 GiB of fp16 originals kept; delta + merge the same way: about 41 s per application on one CPU thread.
+Deltas are made on the weight's device (a GPU model merges on the GPU).
 """
 from __future__ import annotations
 
@@ -266,10 +270,10 @@ def _delta_numel(factors: dict[str, torch.Tensor], where: str) -> int:
     raise ValueError(f"{where}: incomplete layer, factors {sorted(factors)}")
 
 
-def _delta(factors: dict[str, torch.Tensor], shape: torch.Size, where: str) -> torch.Tensor:
+def _delta(factors: dict[str, torch.Tensor], shape: torch.Size, where: str, device: Optional[torch.device] = None) -> torch.Tensor:
     """The float32 weight delta of one layer, times its scale (alpha / rank where the file gives alpha), in the
     target's shape."""
-    f = {k: v.float() for k, v in factors.items()}
+    f = {k: v.to(device=device, dtype=torch.float32) for k, v in factors.items()}  # products on the weight's device
     rank: Optional[int] = None
     if "lora_down.weight" in f and "lora_up.weight" in f:
         down, up = f["lora_down.weight"], f["lora_up.weight"]
@@ -404,7 +408,7 @@ def _family_error(path: Path, model: torch.nn.Module, groups: dict[str, dict[str
 class _Patch:
     param: str
     rows: Optional[tuple[int, int]]
-    delta: Callable[[], torch.Tensor]  # float32, in the target's shape; computed on demand from the factors
+    delta: Callable[[torch.device], torch.Tensor]  # float32, target's shape, on that device; made on demand
 
 
 @dataclass
@@ -462,7 +466,7 @@ def _rewrite(model: torch.nn.Module, state: _ModelState, params: set[str]) -> No
             continue
         merged = original.to(param.device, torch.float32, copy=True)
         for patch in patches:
-            delta = patch.delta().to(param.device)
+            delta = patch.delta(param.device)
             if patch.rows is None:
                 merged += delta
             else:
@@ -471,16 +475,17 @@ def _rewrite(model: torch.nn.Module, state: _ModelState, params: set[str]) -> No
 
 
 def apply_lora(model: torch.nn.Module, path: Union[str, Path], weight: float = 1.0, te_weight: Optional[float] = None, backup_device: Union[str, torch.device] = "cpu") -> LoraHandle:
-    """Merge the LoRA / LyCORIS file at `path` into `model` (an SD 1.x / 2.x LatentDiffusion).
+    """Merge the LoRA / LyCORIS file at `path` into `model` (an SD 1.x / 2.x LatentDiffusion or an SDXL
+    DiffusionEngine, base or refiner).
 
     Args:
         weight: multiplier of the UNet layers (the web UI's `<lora:name:te:unet>` unet weight).
-        te_weight: multiplier of the text-encoder layers; None means `weight`.
+        te_weight: multiplier of the text-encoder layers (SDXL: both); None means `weight`.
         backup_device: where the originals of the touched weights are kept until the last network is removed.
     Returns a handle whose `remove()` restores the weights. A multiplier of 0 leaves those layers untouched (the
     weights stay bit-identical). File keys that match no layer are logged in one warning (once per file and
-    process); a file made for another model family (SDXL, another text width) raises a one-line ValueError naming
-    the file and both families.
+    process); a file made for another model family (SDXL on SD 1.x / 2.x, SD 1.x / 2.x on SDXL, a base LoRA on the
+    refiner, another text width) raises a one-line ValueError naming the file and both families.
     """
     path = Path(path)
     te_weight = weight if te_weight is None else te_weight
@@ -551,8 +556,8 @@ def _prepare(model: torch.nn.Module, path: Path, weight: float, te_weight: float
     return patches
 
 
-def _scaled_delta(factors: dict[str, torch.Tensor], shape: torch.Size, multiplier: float, where: str) -> Callable[[], torch.Tensor]:
-    return lambda: _delta(factors, shape, where) * multiplier
+def _scaled_delta(factors: dict[str, torch.Tensor], shape: torch.Size, multiplier: float, where: str) -> Callable[[torch.device], torch.Tensor]:
+    return lambda device: _delta(factors, shape, where, device) * multiplier
 
 
 def applied_loras(model: torch.nn.Module) -> list[LoraHandle]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from microbatch.lora import _layer_index, apply_lora, applied_loras, remove_all_loras
-from tests.conftest import TINY_CONFIG, build_tiny
+from tests.conftest import build_tiny
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
