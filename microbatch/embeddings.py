@@ -12,7 +12,9 @@ Files (the format is read from the content; the suffix only selects candidates i
 An embedding's name is its file's stem; a prompt (or negative prompt) uses it where the name's tokens appear, as in
 the web UI, with the weight of the text around it (`(my-style:1.2)`). Its width must be the text encoder's (768 for
 SD 1.x, 1024 for SD 2.x's OpenCLIP): another width is skipped with a warning naming the file (the web UI's
-"skipped" list). SDXL files ({"clip_g", "clip_l"}) are skipped the same way; SDXL models take no embeddings yet.
+"skipped" list). SDXL models take the web UI's SDXL files ({"clip_l": [n, 768], "clip_g": [n, 1280]}): each part
+goes into its own text encoder (the refiner's bigG takes clip_g); SD 1.x / 2.x files are skipped on SDXL and SDXL
+files on SD 1.x / 2.x, with the same warning.
 
 In a folder, a file that cannot be read (not an embedding, several terms, truncated, pickled code) is a warning and
 is skipped, as the web UI skips it; a prompt that then names it is a one-line error (`EmbeddingFileError`), since
@@ -49,8 +51,9 @@ class EmbeddingFileError(ValueError):
 
 @dataclass(frozen=True)
 class EmbeddingFile:
-    """What one file holds. `vectors` [n, C] float32 (None for an SDXL clip_g/clip_l file); `width` is C (for
-    SDXL clip_g's plus clip_l's, as the web UI counts it); step and checkpoint fields as the web UI saves them."""
+    """What one file holds. `vectors` [n, C] float32 (None for an SDXL clip_g/clip_l file, whose `parts` hold
+    {"clip_l": [n, 768], "clip_g": [n, 1280]}); `width` is C (for SDXL clip_g's plus clip_l's, as the web UI counts
+    it); step and checkpoint fields as the web UI saves them."""
 
     name: str
     path: Path
@@ -61,6 +64,7 @@ class EmbeddingFile:
     sd_checkpoint: Optional[str] = None
     sd_checkpoint_name: Optional[str] = None
     from_folder: bool = False
+    parts: Optional[dict[str, torch.Tensor]] = None
 
     def api(self) -> dict[str, Any]:
         """The web UI's /sdapi/v1/embeddings record."""
@@ -144,10 +148,16 @@ def read_embedding(path: Union[str, Path], name: Optional[str] = None) -> Embedd
             raise fail(f"its string_to_param holds {count} terms (an embedding has exactly one)")
         tensor = next(iter(params.values()))
     elif isinstance(data, dict) and "clip_g" in data and "clip_l" in data:
-        g, l = data["clip_g"], data["clip_l"]
-        if not (isinstance(g, torch.Tensor) and isinstance(l, torch.Tensor)):
-            raise fail("its clip_g / clip_l are not tensors")
-        return EmbeddingFile(name, path, None, int(g.shape[-1] + l.shape[-1]), int(g.shape[0]) if g.ndim > 1 else 1)
+        parts = {}
+        for key in ("clip_l", "clip_g"):
+            part = data[key]
+            if not isinstance(part, torch.Tensor):
+                raise fail("its clip_g / clip_l are not tensors")
+            parts[key] = _checked_vectors(part, fail)
+        if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:
+            raise fail(f"its clip_l has {parts['clip_l'].shape[0]} vectors and its clip_g {parts['clip_g'].shape[0]}")
+        g, l = parts["clip_g"], parts["clip_l"]
+        return EmbeddingFile(name, path, None, int(g.shape[1] + l.shape[1]), int(g.shape[0]), parts=parts)
     elif isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
         if len(data) != 1:
             raise fail(f"it holds {len(data)} tensors ({', '.join(list(data)[:4])}...); an embedding file holds one")
@@ -156,6 +166,15 @@ def read_embedding(path: Union[str, Path], name: Optional[str] = None) -> Embedd
         raise fail("no string_to_param (web UI), clip_g / clip_l (SDXL) or single tensor (diffusers)")
     if not isinstance(tensor, torch.Tensor):
         raise fail(f"its vectors are a {type(tensor).__name__}, not a tensor")
+    vectors = _checked_vectors(tensor, fail)
+    return EmbeddingFile(
+        name, path, vectors, int(vectors.shape[1]), int(vectors.shape[0]), _plain(meta.get("step"), int),
+        _plain(meta.get("sd_checkpoint"), str), _plain(meta.get("sd_checkpoint_name"), str),
+    )
+
+
+def _checked_vectors(tensor: torch.Tensor, fail: Any) -> torch.Tensor:
+    """[n, C] float32 vectors of a tensor ([C] is one vector); `fail(why)` makes the error for anything else."""
     vectors = tensor.detach().to("cpu")
     if vectors.ndim == 1:
         vectors = vectors.unsqueeze(0)
@@ -166,10 +185,7 @@ def read_embedding(path: Union[str, Path], name: Optional[str] = None) -> Embedd
     vectors = vectors.float()
     if not bool(torch.isfinite(vectors).all()):
         raise fail("its vectors hold values that are not finite")
-    return EmbeddingFile(
-        name, path, vectors, int(vectors.shape[1]), int(vectors.shape[0]), _plain(meta.get("step"), int),
-        _plain(meta.get("sd_checkpoint"), str), _plain(meta.get("sd_checkpoint_name"), str),
-    )
+    return vectors
 
 
 def find_embedding_files(folder: Union[str, Path]) -> list[Path]:
@@ -205,14 +221,28 @@ def _sha256(name: str, size: int, mtime_ns: int) -> str:
 # Loading into a model
 
 
-def text_encoder(model: Any) -> LongPromptEncoder:
-    """The model's text encoder that takes embeddings; one-line ValueError for SDXL and other encoders."""
+def text_encoders(model: Any) -> list[tuple[LongPromptEncoder, Optional[str]]]:
+    """The model's text encoders that take embeddings, each with the part of an SDXL file it takes: SD 1.x / 2.x
+    [(encoder, None)]; SDXL base [(CLIP ViT-L, "clip_l"), (OpenCLIP bigG, "clip_g")], the refiner [(bigG,
+    "clip_g")], as the web UI. One-line ValueError for other encoders."""
     if hasattr(model, "conditioner") and hasattr(model, "conditioning_batch"):
-        raise ValueError("textual-inversion embeddings are not supported for SDXL models yet")
+        found = []
+        for embedder in model.conditioner.embedders:
+            if isinstance(embedder, LongPromptEncoder):
+                found.append((embedder, "clip_g" if hasattr(embedder, "model") else "clip_l"))
+        if not found:
+            raise ValueError("this SDXL model has no CLIP text encoder to take textual-inversion embeddings")
+        return found
     encoder = getattr(model, "cond_stage_model", model)
     if not isinstance(encoder, LongPromptEncoder):
         raise ValueError(f"this model's text encoder ({type(encoder).__name__}) takes no textual-inversion embeddings (needs CLIP / OpenCLIP)")
-    return encoder
+    return [(encoder, None)]
+
+
+def text_encoder(model: Any) -> LongPromptEncoder:
+    """The first of `text_encoders(model)`: the one whose table names and lists the loaded embeddings (every
+    encoder of an SDXL model loads the same names)."""
+    return text_encoders(model)[0][0]
 
 
 @dataclass
@@ -228,22 +258,37 @@ class LoadReport:
         return [f"warning: {m}" for m in self.skipped.values()] + [f"warning: {m}; skipped" for m in self.broken.values()]
 
 
-def _add(encoder: LongPromptEncoder, record: EmbeddingFile, report: LoadReport) -> None:
-    table = encoder.embeddings()
-    if record.vectors is None or record.width != table.width:
-        kind = "an SDXL embedding (clip_g / clip_l)" if record.vectors is None else f"width {record.width}"
-        report.skipped[record.name] = (
-            f"embedding {record.path} is {kind}; this model's text encoder takes width {table.width}: skipped"
-        )
-        table.remove(record.name)
-        table.skipped[record.name] = record
-        return
-    table.skipped.pop(record.name, None)
-    table.add(record.name, encoder.tokenizer.encode(record.name), record.vectors, info=record)
+def _add(encoders: list[tuple[LongPromptEncoder, Optional[str]]], record: EmbeddingFile, report: LoadReport) -> None:
+    """Load `record` into every encoder (its vectors, or for SDXL its clip_l / clip_g part), or into none: a
+    file that does not fit one of them is skipped whole."""
+    chosen = []
+    for encoder, part in encoders:
+        table = encoder.embeddings()
+        if part is None:
+            vectors = record.vectors
+            fits = vectors is not None and record.width == table.width
+            kind = "an SDXL embedding (clip_g / clip_l)" if vectors is None else f"width {record.width}"
+            wanted = f"this model's text encoder takes width {table.width}"
+        else:
+            vectors = None if record.parts is None else record.parts[part]
+            fits = vectors is not None and vectors.shape[1] == table.width
+            kind = f"an SD 1.x / 2.x embedding (width {record.width})" if record.parts is None else f"of {part} width {vectors.shape[1]}"
+            wanted = f"this SDXL model takes clip_l / clip_g files ({part} width {table.width})"
+        if not fits:
+            report.skipped[record.name] = f"embedding {record.path} is {kind}; {wanted}: skipped"
+            for other, _ in encoders:
+                other.embeddings().remove(record.name)
+                other.embeddings().skipped[record.name] = record
+            return
+        chosen.append((encoder, table, vectors))
+    for encoder, table, vectors in chosen:
+        table.skipped.pop(record.name, None)
+        table.add(record.name, encoder.tokenizer.encode(record.name), vectors, info=record)
     report.loaded.append(record.name)
 
 
-def _load_files(encoder: LongPromptEncoder, files: Sequence[Path], from_folder: bool) -> LoadReport:
+def _load_files(encoders: list[tuple[LongPromptEncoder, Optional[str]]], files: Sequence[Path], from_folder: bool) -> LoadReport:
+    encoder = encoders[0][0]
     report = LoadReport()
     for path in files:
         try:
@@ -255,7 +300,7 @@ def _load_files(encoder: LongPromptEncoder, files: Sequence[Path], from_folder: 
             continue
         if from_folder:
             record = EmbeddingFile(**{**record.__dict__, "from_folder": True})
-        _add(encoder, record, report)
+        _add(encoders, record, report)
     report.loaded = sorted(dict.fromkeys(report.loaded), key=str.lower)
     return report
 
@@ -267,12 +312,12 @@ def load_embeddings(model: Any, path: Union[str, Path]) -> list[str]:
     A name already loaded is replaced. A wrong width is a warning naming the file (and the name is listed as
     skipped). A file given alone that cannot be read raises EmbeddingFileError; in a folder such a file is a
     warning and is skipped."""
-    encoder = text_encoder(model)
+    encoders = text_encoders(model)
     path = Path(path)
     if path.is_dir():
-        report = _load_files(encoder, find_embedding_files(path), from_folder=False)
+        report = _load_files(encoders, find_embedding_files(path), from_folder=False)
     elif path.exists():
-        report = _load_files(encoder, [path], from_folder=False)
+        report = _load_files(encoders, [path], from_folder=False)
         if report.broken:
             raise EmbeddingFileError(next(iter(report.broken.values())))
     else:
@@ -293,19 +338,21 @@ def sync_embeddings_dir(model: Any, folder: Union[str, Path]) -> list[str]:
     when its files are the ones last loaded (same paths, sizes and modification times); otherwise what the previous
     folder loaded is dropped and the folder is loaded again. Embeddings loaded by `load_embeddings` stay. Returns
     warnings for the user (wrong widths, unreadable files), only when the folder was (re)loaded."""
-    encoder = text_encoder(model)
+    encoders = text_encoders(model)
     files = find_embedding_files(folder)
     signature = (str(Path(folder).resolve()), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-    table = encoder.embeddings()
+    table = encoders[0][0].embeddings()
     if isinstance(table.source, _FolderState) and table.source.signature == signature:
         return []
-    for name, entry in table.entries.items():
-        if getattr(entry.info, "from_folder", False):
-            table.remove(name)
-    for name, record in list(table.skipped.items()):
-        if getattr(record, "from_folder", False):
-            del table.skipped[name]
-    report = _load_files(encoder, files, from_folder=True)
+    for encoder, _ in encoders:
+        each = encoder.embeddings()
+        for name, entry in list(each.entries.items()):
+            if getattr(entry.info, "from_folder", False):
+                each.remove(name)
+        for name, record in list(each.skipped.items()):
+            if getattr(record, "from_folder", False):
+                del each.skipped[name]
+    report = _load_files(encoders, files, from_folder=True)
     table.source = _FolderState(signature, dict(report.broken))
     if report.loaded:
         logger.info("textual-inversion embeddings loaded from %s (%d): %s", folder, len(report.loaded), ", ".join(report.loaded))
@@ -351,9 +398,12 @@ def _fragments(text: str) -> list[list]:
 def embeddings_used(model: Any, prompts: Sequence[str], steps: int) -> list[str]:
     """Names of the loaded embeddings that `prompts` use (in the web UI's prompt language, `steps` prompt steps for
     its scheduling), in order of first use. [] when the model has none."""
-    encoder = getattr(model, "cond_stage_model", model)
-    table = getattr(encoder, "embedding_table", None)
-    if not isinstance(encoder, LongPromptEncoder) or not table:
+    try:
+        encoder = text_encoder(model)
+    except ValueError:
+        return []
+    table = encoder.embedding_table
+    if not table:
         return []
     names: dict[str, None] = {}
     for prompt in prompts:
@@ -367,9 +417,12 @@ def embeddings_used(model: Any, prompts: Sequence[str], steps: int) -> list[str]
 def check_prompts_for_broken(model: Any, prompts: Sequence[str], steps: int) -> None:
     """EmbeddingFileError naming the file when a prompt uses the name of a file in the embeddings folder that could
     not be read (and was skipped with a warning)."""
-    encoder = getattr(model, "cond_stage_model", model)
-    table = getattr(encoder, "embedding_table", None)
-    if not isinstance(encoder, LongPromptEncoder) or table is None or not isinstance(table.source, _FolderState):
+    try:
+        encoder = text_encoder(model)
+    except ValueError:
+        return
+    table = encoder.embedding_table
+    if table is None or not isinstance(table.source, _FolderState):
         return
     broken = {n: m for n, m in table.source.broken.items() if n not in table.entries}
     if not broken:

@@ -18,16 +18,18 @@ prompt editing and alternation switch an image's context at its scheduled denois
 towards several parts. `samplers.guidance.GuidedModel` runs rows whose contexts differ in length as separate UNet
 calls (never padded), so an image with a long prompt is the same whichever prompts share its micro-batch.
 
-SDXL (`sgm.models.diffusion.DiffusionEngine`): a row's conditioning is a dict {"crossattn": [77, C], "vector":
+SDXL (`sgm.models.diffusion.DiffusionEngine`): a row's conditioning is a dict {"crossattn": [77 k, C], "vector":
 [adm]} from the model's conditioner with the run's micro-conditioning (original size, crop, target size; the
-refiner's aesthetic score), each text encoded alone as for SD. Prompt editing, alternation and AND work; emphasis
-and BREAK are refused (one-line ValueError) until the prompt language speaks SDXL's two encoders. On the base, an
-EMPTY negative prompt zeroes the text parts of the unconditional rows (the published sampling's
+refiner's aesthetic score), each text encoded alone as for SD, in the same prompt language: both text encoders
+chunk, weight and BREAK it as SD 1.x's does (`microbatch.prompts.get_learned_conditioning_sdxl`), and rows are
+grouped by their crossattn's length. Clip skip is ignored, as the web UI does by default. On the base, an EMPTY
+negative prompt zeroes the text parts of the unconditional rows (the published sampling's
 force_zero_embeddings=["txt"], which diffusers applies only to an empty negative prompt too); a non-empty one is
 encoded. The refiner encodes the empty text too, as published (see `zeroes_empty_negative`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -45,9 +47,8 @@ from microbatch.prompts import (
     ScheduledPromptConditioning,
     cond_at,
     get_learned_conditioning,
-    get_learned_conditioning_prompt_schedules,
+    get_learned_conditioning_sdxl,
     get_multicond_prompt_list,
-    parse_prompt_attention,
     stack_conds,
 )
 from sgm.models.diffusion import DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE
@@ -218,8 +219,13 @@ class Engine:
     vae_tiling: Optional[TileSettings] = None
     # Base + refiner: the refiner's stage (microbatch.refiner.RefinerStage), used when settings.refiner_switch is set.
     refiner: Optional[Any] = None
+    # Cross-request batching (microbatch.batcher): called once per micro-batch, it returns a participant whose
+    # apply_model the sampler loop uses instead of the model's, registered for the loop's duration (its rows then
+    # share UNet calls with other engines' rows). None: the model's own apply_model.
+    shared_unet: Optional[Callable[[], Any]] = None
     _cond_cache: dict = field(default_factory=dict)
     _warned_vae: bool = False
+    _noted_sdxl_clip_skip: bool = False
 
     # -- conditioning --
     def clear_conditioning(self) -> None:
@@ -239,7 +245,7 @@ class Engine:
         `model.get_learned_conditioning([text])[0]`. A model whose text encoder does not speak the prompt language
         gets that too, for every text.
 
-        SDXL: each cond is {"crossattn": [77, C], "vector": [adm]} for `micro` (None: the model's native size);
+        SDXL: each cond is {"crossattn": [77 k, C], "vector": [adm]} for `micro` (None: the model's native size);
         `negative` marks the unconditional branch, where an empty text gives zero text embeddings.
 
         `hires_steps`: the hires fix's second pass, of that many prompt steps after a first pass of `steps` (the
@@ -263,31 +269,24 @@ class Engine:
     def _sdxl_schedule(
         self, text: str, steps: int, clip_skip: int, micro: Optional[MicroConditioning], negative: bool, hires_steps: Optional[int] = None
     ) -> list[ScheduledPromptConditioning]:
-        if clip_skip != 1:
-            raise ValueError(f"clip_skip {clip_skip} is not supported for SDXL (its encoders use their penultimate layer, as published)")
-        zero = negative and text == "" and zeroes_empty_negative(self.model)
-        key = ("sdxl", text, int(steps), micro, zero, hires_steps)
-        if key in self._cond_cache:
-            return self._cond_cache[key]
-        schedule = []
-        for end, part in get_learned_conditioning_prompt_schedules([text], steps, hires_steps)[0]:
-            pieces = parse_prompt_attention(part)
-            if any(weight != 1.0 for _, weight in pieces):
-                raise ValueError(
-                    f"SDXL: emphasis and BREAK are not supported yet (prompt {text!r:.80}); write literal brackets as \\( \\)"
-                )
-            plain = "".join(piece for piece, _ in pieces)
-            with torch.no_grad():
+        if clip_skip != 1 and not self._noted_sdxl_clip_skip:
+            logger.warning("clip skip %d has no effect on SDXL (as in the web UI, whose 'Clip skip SDXL' is off by default); ignored", clip_skip)
+            self._noted_sdxl_clip_skip = True
+        zero_empty = negative and zeroes_empty_negative(self.model)
+        versions = tuple(getattr(e, "embeddings_version", 0) for e in self.model.conditioner.embedders)
+        key = ("sdxl", text, int(steps), int(clip_skip), micro, zero_empty, hires_steps, versions)
+        if key not in self._cond_cache:
+
+            def batch(texts: list[str]) -> dict:
                 if micro is None:
-                    batch = self.model.conditioning_batch([plain])
-                else:
-                    batch = self.model.conditioning_batch(
-                        [plain], micro.original_size, micro.crop_coords, micro.target_size, micro.aesthetic_score
-                    )
-                cond = self.model.get_learned_conditioning(batch, ["txt"] if zero else None)
-            schedule.append(ScheduledPromptConditioning(int(end), {k: v[0] for k, v in cond.items()}))
-        self._cond_cache[key] = schedule
-        return schedule
+                    return self.model.conditioning_batch(texts)
+                return self.model.conditioning_batch(texts, micro.original_size, micro.crop_coords, micro.target_size, micro.aesthetic_score)
+
+            with torch.no_grad():
+                self._cond_cache[key] = get_learned_conditioning_sdxl(
+                    self.model, [text], steps, clip_skip, hires_steps, conditioning_batch=batch, is_negative_prompt=zero_empty
+                )[0]
+        return self._cond_cache[key]
 
     def prompt_parts(
         self, prompt: str, steps: int, clip_skip: int = 1, micro: Optional[MicroConditioning] = None, hires_steps: Optional[int] = None
@@ -301,10 +300,7 @@ class Engine:
         """Encode prompts ahead of a run (cached) and return their conditioning at step 0 [B, 77 k, C] (the first
         part of each; shorter rows extended as `microbatch.prompts.stack_conds` does); SDXL: a dict of those
         stacked, at the model's native size."""
-        rows = [cond_at(self.prompt_parts(p, steps, clip_skip)[0][0], 0) for p in prompts]
-        if rows and isinstance(rows[0], dict):
-            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        return stack_conds(rows)
+        return stack_conds([cond_at(self.prompt_parts(p, steps, clip_skip)[0][0], 0) for p in prompts])
 
     def step_conditioning(self, jobs: Sequence[ImageJob], settings: SamplingSettings) -> ConditioningSchedule:
         """The micro-batch's ConditioningSchedule: at denoiser call k, each image's prompt parts and its negative
@@ -366,15 +362,20 @@ class Engine:
 
     # -- sampling --
     def guided_denoiser(
-        self, jobs: Sequence[ImageJob], settings: SamplingSettings, init_latent: Optional[torch.Tensor] = None
+        self,
+        jobs: Sequence[ImageJob],
+        settings: SamplingSettings,
+        init_latent: Optional[torch.Tensor] = None,
+        apply_model: Optional[Callable] = None,
     ) -> tuple[Any, GuidedModel]:
         """(D(x, sigma) of this engine's model with guidance, conditioning, inpainting concat or blending; the
-        GuidedModel inside it, whose `calls` count the denoiser calls that prompt editing follows)."""
-        apply_model = self.model.apply_model
+        GuidedModel inside it, whose `calls` count the denoiser calls that prompt editing follows). `apply_model`:
+        what runs the UNet (a cross-request batcher's participant), default the model's own."""
+        apply_model = apply_model if apply_model is not None else self.model.apply_model
         if self.concat_latents is not None:
             concat = self.concat_latents.to(self.device)
 
-            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = self.model.apply_model) -> torch.Tensor:
+            def apply_model(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, _apply: Callable = apply_model) -> torch.Tensor:
                 return _apply(x_t, t, {"c_concat": [concat.expand(x_t.shape[0], *concat.shape[1:])], "c_crossattn": [context]})
 
         schedule = self.step_conditioning(jobs, settings)
@@ -418,7 +419,8 @@ class Engine:
             if tuple(init_latent.shape[1:]) != settings.latent_shape:
                 raise AssertionError(f"init latent {tuple(init_latent.shape)} does not match {settings.latent_shape}")
 
-        denoiser, guided = self.guided_denoiser(jobs, settings, init_latent)
+        participant = self.shared_unet() if self.shared_unet is not None else None
+        denoiser, guided = self.guided_denoiser(jobs, settings, init_latent, participant.apply_model if participant is not None else None)
         sigmas = get_sigmas(settings.schedule_name(), denoiser, settings.steps)
         if settings.guidance_interval is not None:
             lo, hi = settings.guidance_interval
@@ -435,7 +437,9 @@ class Engine:
             if self.step_callback is not None:
                 self.step_callback(batch_index, dict(step, i=int(step.get("i", 0)) + step_offset) if step_offset else step)
 
-        with torch.no_grad():
+        # The participant is registered only around the loop: text encoding above and decoding after it never
+        # hold up the other engines' rounds.
+        with torch.no_grad(), (participant if participant is not None else contextlib.nullcontext()):
             if self.refiner is not None and settings.refiner_switch is not None:
                 x = self.refiner.sample(self, info.fn, denoiser, guided, x, sigmas, jobs, settings, noise, callback, init_latent)
             else:

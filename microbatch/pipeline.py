@@ -11,9 +11,11 @@ validated when it is built (`microbatch.request`), and this module decides, once
 guidance scale and the micro-batch size (`Pipeline.plan`), prepares img2img / inpainting, runs the micro-batched
 engine and turns finished latents into images with their parameters text.
 
-Threads: one call generates at a time (others wait on a lock); `progress()` and `cancel()` may be called from any
-other thread while it runs. `cancel()` stops after the current sampler step; the call then returns the images
-finished so far and `last_result.interrupted` is True.
+Threads: one `generate` call runs at a time (others wait on a lock); `progress()` and `cancel()` may be called from
+any other thread while it runs. `cancel()` stops after the current sampler step; the call then returns the images
+finished so far and `last_result.interrupted` is True. `run` is the same work without the lock and the shared
+progress, for a caller that runs many requests at once and arranges model access itself (the server's
+`microbatch.server.scheduler`, whose requests share UNet calls).
 """
 from __future__ import annotations
 
@@ -354,6 +356,8 @@ class Pipeline:
             return
         for message in sync_embeddings_dir(self.model, folder):
             self.on_note(message)
+        if self.refiner is not None:  # the refiner's bigG takes the clip_g parts of the same files
+            sync_embeddings_dir(self.refiner.model, folder)
         try:
             check_prompts_for_broken(self.model, [text for job in jobs for text in (job.prompt, job.negative_prompt)], steps)
         except EmbeddingFileError as e:
@@ -473,7 +477,7 @@ class Pipeline:
             self._cancel.clear()
             self._set_progress(Progress("running"))
             try:
-                result = self._generate(request, on_image, callback, jobs)
+                result = self.run(request, on_image, callback, jobs, progress=self._set_progress, cancelled=self._cancel.is_set)
             except BaseException:
                 self._set_progress(replace(self.progress(), state="failed"))
                 raise
@@ -481,7 +485,25 @@ class Pipeline:
             self._set_progress(replace(self.progress(), state="cancelled" if result.interrupted else "done", batch_images=0))
             return result
 
-    def _generate(self, request: GenerationRequest, on_image: Optional[Callable], callback: Optional[Callable], jobs: Optional[list[ImageJob]]) -> RunResult:
+    def run(
+        self,
+        request: GenerationRequest,
+        on_image: Optional[Callable[[GeneratedImage], None]] = None,
+        callback: Optional[Callable[[ProgressEvent], None]] = None,
+        jobs: Optional[list[ImageJob]] = None,
+        *,
+        progress: Optional[Callable[[Progress], None]] = None,
+        cancelled: Optional[Callable[[], bool]] = None,
+        sampling: Optional[Callable[[Engine, Plan, Callable[[list[FinishedImage]], None]], int]] = None,
+    ) -> RunResult:
+        """`generate` without its lock and shared state, for callers that run several requests at once (the
+        server): `progress` receives this run's Progress snapshots, `cancelled()` true stops it after the current
+        sampler step (as `cancel()`), and `sampling(engine, plan, on_batch)` (returning the final micro-batch size)
+        replaces the micro-batched run of the plan's LoRA groups: it must hand every finished micro-batch to
+        `on_batch` and arrange the model's LoRA state itself (the server's cross-request scheduler,
+        `microbatch.server.scheduler`). With `sampling`, max_batch_size "auto" is the sampling's business."""
+        progress = progress or (lambda snapshot: None)
+        cancelled = cancelled or (lambda: False)
         engine, image_size = self._engine_for(request)
         plan = self.plan(request, image_size, jobs)
         for text in plan.notes:
@@ -490,21 +512,21 @@ class Pipeline:
             if engine.concat_latents is not None:
                 raise UsageError("--refiner with an inpainting model (9-channel UNet) is not supported: the refiner cannot read the mask")
             engine.refiner = refiners.RefinerStage(Engine(self.refiner.model, self.device, vae_tiling=request.vae_tiling), self.model)
-        if request.max_batch_size == "auto" and len(plan.jobs) >= 2:
+        if request.max_batch_size == "auto" and len(plan.jobs) >= 2 and sampling is None:
             plan.settings.max_batch_size = self.auto_batch_size(engine, plan, request)
         settings, total = plan.settings, len(plan.jobs)
         metrics = RunMetrics(device=str(self.device), model_load_s=self.loaded.load_seconds + (self.refiner.load_seconds if self.refiner else 0.0))
         metrics.settings = self._metrics_settings(request, plan)
         images: list[GeneratedImage] = []
-        self._set_progress(Progress("running", 0, total, 0, plan.steps_run))
+        progress(Progress("running", 0, total, 0, plan.steps_run))
 
         def on_step(batch_index: int, info: dict) -> None:
             step = int(info.get("i", 0)) + 1
             rows = int(info["x"].shape[0]) if "x" in info else 0
-            self._set_progress(Progress("running", len(images), total, step, plan.steps_run, batch_images=rows))
+            progress(Progress("running", len(images), total, step, plan.steps_run, batch_images=rows))
             if callback is not None:
                 callback(ProgressEvent("step", len(images), total, step, plan.steps_run, batch_index))
-            if self._cancel.is_set():
+            if cancelled():
                 raise Interrupted()
 
         # Images are handed out in job order: with LoRAs, a later set's group may finish an image before an
@@ -517,7 +539,7 @@ class Pipeline:
             images.append(image)
             if on_image is not None:
                 on_image(image)
-            self._set_progress(Progress("running", len(images), total, 0, plan.steps_run))
+            progress(Progress("running", len(images), total, 0, plan.steps_run))
             if callback is not None:
                 callback(ProgressEvent("image", len(images), total, plan.steps_run, plan.steps_run, -1, image))
 
@@ -539,7 +561,7 @@ class Pipeline:
         metrics.start()
         interrupted = False
         try:
-            metrics.final_max_batch_size = self._run_groups(engine, plan, on_batch)
+            metrics.final_max_batch_size = (sampling or self._run_groups)(engine, plan, on_batch)
         except Interrupted:
             interrupted = metrics.interrupted = True
             for pos in sorted(pending):  # finished images of other LoRA sets

@@ -5,6 +5,8 @@
   prompt the texts to use and the step at which each one ends.
 - `get_learned_conditioning`: prompts -> per prompt [(end_at_step, cond [77 k, C])], long prompts in 75-token
   chunks, emphasis and clip skip applied by the text encoder (`ldm.modules.encoders.modules.LongPromptEncoder`).
+  SDXL: cond is {"crossattn": [77 k, C], "vector": [adm]}, both text encoders following the same rules
+  (`sgm.modules.encoders.modules.WeightedPrompts`).
 - `reconstruct_cond_batch`: per-image schedules and a step index -> the batch conditioning for that step.
 - Composable prompts, `a cat AND a dog:0.5` (Liu et al. 2022, "Compositional Visual Generation with Composable
   Diffusion Models"): `get_multicond_learned_conditioning`, `reconstruct_multicond_batch`, `combine_denoised`.
@@ -22,12 +24,13 @@ import re
 from collections import namedtuple
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 from ldm.modules.encoders.modules import EMPHASIS_MODES, LongPromptEncoder, check_emphasis
 from samplers.guidance import combine_parts
+from sgm.modules.encoders.modules import WeightedPrompts
 
 __all__ = [
     "EMPHASIS_MODES",
@@ -38,6 +41,7 @@ __all__ = [
     "cond_at",
     "get_learned_conditioning",
     "get_learned_conditioning_prompt_schedules",
+    "get_learned_conditioning_sdxl",
     "get_multicond_learned_conditioning",
     "get_multicond_prompt_list",
     "pad_cond_uncond",
@@ -366,7 +370,11 @@ def get_learned_conditioning_prompt_schedules(
 # Conditioning
 
 ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
-ScheduledPromptConditioning.__doc__ = "cond [77 k, C], used while the step index is <= end_at_step."
+ScheduledPromptConditioning.__doc__ = (
+    "cond [77 k, C] (SDXL: {'crossattn': [77 k, C], 'vector': [adm]}), used while the step index is <= end_at_step."
+)
+# a cond row: a context tensor [77 k, C], or SDXL's dict of them
+Cond = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
 def _text_encoder(model: Any) -> LongPromptEncoder:
@@ -390,7 +398,7 @@ def get_learned_conditioning(
     Each distinct prompt's scheduled texts are encoded together as the web UI does (texts with fewer chunks padded
     with the empty-prompt chunk, emphasis normalised over the prompt's texts), while each distinct 77-token chunk
     goes through the text encoder once for the whole call. A plain prompt of at most 75 tokens gives exactly
-    `model.get_learned_conditioning([prompt])[0]`.
+    `model.get_learned_conditioning([prompt])[0]`. An SDXL model: see get_learned_conditioning_sdxl.
 
     Args:
         model: a LatentDiffusion model (or its text encoder) whose encoder is a LongPromptEncoder.
@@ -403,6 +411,8 @@ def get_learned_conditioning(
             are plain text).
     """
     check_emphasis(emphasis)
+    if _is_sdxl(model):
+        return get_learned_conditioning_sdxl(model, prompts, steps, clip_skip, hires_steps, use_old_scheduling, emphasis)
     encoder = _text_encoder(model)
     schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
     by_prompt = dict(zip(prompts, schedules))
@@ -424,11 +434,67 @@ def get_learned_conditioning(
     return [list(results[p]) for p in prompts]
 
 
-def stack_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:
+def _is_sdxl(model: Any) -> bool:
+    return hasattr(model, "conditioner") and hasattr(model, "conditioning_batch")
+
+
+def get_learned_conditioning_sdxl(
+    model: Any,
+    prompts: Sequence[str],
+    steps: int,
+    clip_skip: int = 1,
+    hires_steps: Optional[int] = None,
+    use_old_scheduling: bool = False,
+    emphasis: str = "Original",
+    conditioning_batch: Optional[Callable[[list[str]], dict[str, Any]]] = None,
+    is_negative_prompt: bool = False,
+) -> list[list[ScheduledPromptConditioning]]:
+    """get_learned_conditioning for an SDXL DiffusionEngine: cond = {"crossattn": [77 k, C], "vector": [adm]}.
+
+    As the web UI: each distinct prompt's scheduled texts go through the conditioner together, and each text
+    encoder (CLIP ViT-L, OpenCLIP bigG; the refiner has bigG only) chunks, weights and encodes them by the SD 1.x
+    rules; crossattn concatenates the encoders' hidden states per token, the pooled part of vector comes from each
+    text's first chunk. A negative prompt whose texts are all empty gets zero text embeddings (the published
+    sampling's force_zero_embeddings=["txt"], applied by the web UI to an empty negative prompt only). A plain prompt
+    of at most 75 tokens gives exactly `model.get_learned_conditioning(model.conditioning_batch([prompt]))`.
+
+    Args:
+        model: an sgm.models.diffusion.DiffusionEngine.
+        prompts, steps, hires_steps, use_old_scheduling, emphasis: see get_learned_conditioning.
+        clip_skip: validated and ignored, as the web UI does for SDXL by default.
+        conditioning_batch: texts -> the conditioner's batch (its micro-conditioning); default
+            `model.conditioning_batch` (the native size).
+        is_negative_prompt: these are negative prompts (an empty one is zeroed).
+    """
+    check_emphasis(emphasis)
+    text_embedders = [e for e in model.conditioner.embedders if getattr(e, "input_key", None) == "txt"]
+    unable = [type(e).__name__ for e in text_embedders if not hasattr(e, "encode_prompt_language")]
+    if unable:
+        raise ValueError(f"the SDXL text encoders {unable} do not support the prompt language")
+    make_batch = conditioning_batch or model.conditioning_batch
+    schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
+    results = {}
+    for prompt, schedule in zip(prompts, schedules):
+        if prompt in results:
+            continue
+        texts = [text for _, text in schedule]
+        parsed = [((text, 1.0),) if emphasis == "None" else tuple(map(tuple, parse_prompt_attention(text))) for text in texts]
+        batch = dict(make_batch(texts))
+        batch["txt"] = WeightedPrompts(tuple(parsed), clip_skip, emphasis)
+        zero = is_negative_prompt and all(text == "" for text in texts)
+        with torch.no_grad():
+            cond = model.get_learned_conditioning(batch, ["txt"] if zero else None)
+        results[prompt] = [ScheduledPromptConditioning(end, {k: v[i] for k, v in cond.items()}) for i, (end, _) in enumerate(schedule)]
+    return [list(results[p]) for p in prompts]
+
+
+def stack_conds(conds: Sequence[Cond]) -> Any:
     """Rows [77 k_i, C] -> [B, 77 max k, C]; a shorter row is extended by repeating its last vector (what the web UI
-    does for the prompts of one batch)."""
+    does for the prompts of one batch). SDXL rows (dicts) -> a dict of each key's rows stacked that way."""
     if not conds:
         raise ValueError("stack_conds needs at least one tensor")
+    if isinstance(conds[0], Mapping):
+        return {k: stack_conds([c[k] for c in conds]) for k in conds[0]}
     length = max(c.shape[0] for c in conds)
     return torch.stack([c if c.shape[0] == length else torch.cat([c, c[-1:].expand(length - c.shape[0], -1)]) for c in conds])
 
@@ -450,16 +516,20 @@ def reconstruct_cond_batch(c: Sequence[Sequence[ScheduledPromptConditioning]], c
     """Per-image schedules -> the batch conditioning [B, 77 k, C] at 0-based denoiser call `current_step`.
 
     Each image uses its first entry with current_step <= end_at_step (its first entry when none is); rows of
-    different lengths are stacked by `stack_conds`.
+    different lengths are stacked by `stack_conds` (SDXL: a dict of stacked rows).
     """
     if not c:
         raise ValueError("reconstruct_cond_batch needs at least one schedule")
     return stack_conds([_entry_at(schedule, current_step).cond for schedule in c])
 
 
-def pad_cond_uncond(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_cond_uncond(cond: Any, uncond: Any, empty: torch.Tensor) -> tuple[Any, Any]:
     """The web UI's optional "Pad prompt/negative prompt" (off by default): the shorter of cond [B, 77 k1, C] and
-    uncond [B, 77 k2, C] gets copies of the empty prompt's chunk `empty` [77, C] until both have max(k1, k2)."""
+    uncond [B, 77 k2, C] gets copies of the empty prompt's chunk `empty` [77, C] until both have max(k1, k2).
+    SDXL dicts: their "crossattn" is padded (`empty` is the empty prompt's crossattn), "vector" kept."""
+    if isinstance(cond, Mapping):
+        c, u = pad_cond_uncond(cond["crossattn"], uncond["crossattn"], empty)
+        return {**cond, "crossattn": c}, {**uncond, "crossattn": u}
     empty = empty.reshape(1, -1, empty.shape[-1]).to(cond)
     repeats = (cond.shape[1] - uncond.shape[1]) // empty.shape[1]
     if repeats < 0:
@@ -469,9 +539,12 @@ def pad_cond_uncond(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tenso
     return cond, uncond
 
 
-def pad_cond_uncond_v0(cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_cond_uncond_v0(cond: Any, uncond: Any) -> tuple[Any, Any]:
     """The web UI's optional "Pad prompt/negative prompt (v0)" (its DDIM behaviour before 1.6): a shorter uncond
-    repeats its last vector up to cond's length, a longer one is cut to it."""
+    repeats its last vector up to cond's length, a longer one is cut to it. SDXL dicts: on their "crossattn"."""
+    if isinstance(cond, Mapping):
+        c, u = pad_cond_uncond_v0(cond["crossattn"], uncond["crossattn"])
+        return {**cond, "crossattn": c}, {**uncond, "crossattn": u}
     if uncond.shape[1] < cond.shape[1]:
         uncond = torch.cat([uncond, uncond[:, -1:].expand(-1, cond.shape[1] - uncond.shape[1], -1)], dim=1)
     elif uncond.shape[1] > cond.shape[1]:
@@ -541,7 +614,7 @@ def get_multicond_learned_conditioning(
 
 def reconstruct_multicond_batch(c: MulticondLearnedConditioning, current_step: int) -> tuple[list[list[tuple[int, float]]], torch.Tensor]:
     """-> (per image [(row of the tensor, weight), ...], conds [R, 77 k, C]) at denoiser call `current_step`, R the
-    total number of AND-parts in the batch (rows of different lengths stacked by `stack_conds`)."""
+    total number of AND-parts in the batch (rows of different lengths stacked by `stack_conds`; SDXL: a dict)."""
     tensors: list[torch.Tensor] = []
     conds_list: list[list[tuple[int, float]]] = []
     for parts in c.batch:

@@ -257,20 +257,6 @@ def test_a_broken_file_alone_raises_in_a_folder_warns(model_v1, tmp_path, caplog
         load_embeddings(model_v1, tmp_path / "nothing")
 
 
-def test_sdxl_models_say_not_supported(tmp_path):
-    model = build_tiny(REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml", seed=21)
-    torch.save({"e": torch.randn(1, 8)}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="not supported for SDXL"):
-        load_embeddings(model, tmp_path)
-    from types import SimpleNamespace
-
-    from microbatch.pipeline import Pipeline
-
-    notes: list[str] = []
-    Pipeline.prepare_embeddings(SimpleNamespace(model=model), str(tmp_path), [], 1, notes)
-    assert len(notes) == 1 and "not supported for SDXL" in notes[0] and str(tmp_path) in notes[0]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # TI hashes, the scripts, the server
 

@@ -305,28 +305,30 @@ def test_png_info_reads_the_parameters(client):
 
 
 class Gate:
-    """Wraps pipe.generate: the batch whose first image has index `at` waits at its first step until released."""
+    """Wraps pipe.run (the server's call per n_iter batch): the batch whose first image has index `at` waits at its
+    first step until released."""
 
     def __init__(self, pipe, monkeypatch):
-        self.original = pipe.generate
+        self.original = pipe.run
         self.reached = {i: threading.Event() for i in range(8)}
         self.release = {i: threading.Event() for i in range(8)}
         self.gated: set[int] = set()
-        self.calls: list[int] = []  # seed of each call's first image, in call order
-        monkeypatch.setattr(pipe, "generate", self.generate)
+        self.calls: list[int] = []  # seed of each call's first image, in the order their first steps ran
+        monkeypatch.setattr(pipe, "run", self.run)
 
-    def generate(self, request, on_image=None, callback=None, jobs=None):
+    def run(self, request, on_image=None, callback=None, jobs=None, **kwargs):
         first = (jobs or request.jobs())[0]
-        self.calls.append(first.seed)
 
         def step(event):
             if callback is not None:
                 callback(event)
-            if first.index in self.gated and event.kind == "step" and event.step == 1:
-                self.reached[first.index].set()
-                assert self.release[first.index].wait(30)
+            if event.kind == "step" and event.step == 1:
+                self.calls.append(first.seed)
+                if first.index in self.gated:
+                    self.reached[first.index].set()
+                    assert self.release[first.index].wait(30)
 
-        return self.original(request, on_image, step, jobs)
+        return self.original(request, on_image, step, jobs, **kwargs)
 
 
 def in_thread(client, path, body):
@@ -372,15 +374,17 @@ def test_progress_skip_and_interrupt(client, pipe, monkeypatch):
 
 
 def test_requests_run_first_come_first_served_and_the_queue_is_bounded(client, pipe, monkeypatch):
+    """A request of another size waits until the running one is done; a later one of the running size does not
+    pass it (first come, first served); beyond max_queue waiting requests: 503."""
     gate = Gate(pipe, monkeypatch)
     gate.gated = {0}
     body = {"prompt": "x", "steps": 2, "width": 32, "height": 32}
     worker = client.app.state.worker
     threads = [in_thread(client, "/sdapi/v1/txt2img", {**body, "seed": 100})]
     assert gate.reached[0].wait(30)
-    for seed in (200, 300):
+    for seed, width in ((200, 48), (300, 32)):
         waiting = worker.waiting
-        threads.append(in_thread(client, "/sdapi/v1/txt2img", {**body, "seed": seed}))
+        threads.append(in_thread(client, "/sdapi/v1/txt2img", {**body, "seed": seed, "width": width}))
         wait_for(lambda: worker.waiting == waiting + 1)
     r = client.post("/sdapi/v1/txt2img", json={**body, "seed": 400})  # max_queue 2 are waiting
     assert r.status_code == 503 and r.headers["Retry-After"] == "10" and "--max_queue 2" in r.json()["detail"]

@@ -146,7 +146,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # [B, H*W, C] -> [B, C, H, W] as a permuted view, whose strides are the same for every B: reshaping the
+        # transpose gave a one-image batch a different batch stride, and oneDNN's convolution and GroupNorm pick
+        # their algorithm by strides, so an image's last bits depended on how many rows shared its UNet call
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

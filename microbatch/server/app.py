@@ -3,10 +3,11 @@
     app = create_app(Pipeline.from_checkpoint(...), ServerLimits(max_steps=100))   # an ASGI app (FastAPI)
 
 Tests drive it in-process with FastAPI's TestClient; `scripts/serve.py` runs it with uvicorn. Generation requests
-queue first come, first served on one worker thread (`microbatch.server.worker`); everything else answers at once,
-also while an image is being made. Bad input is HTTP 422 with a one-line `detail` (a body over the size limit 413,
-a full queue 503 with Retry-After); the OpenAPI page is at /docs, the web page at /. With `SecurityOptions`, every
-route needs credentials (`microbatch.server.security`) and CORS allows the given origins (else it is off).
+are admitted first come, first served and run together, their rows sharing UNet calls (`microbatch.server.worker`,
+`microbatch.server.scheduler`); everything else answers at once, also while images are being made. Bad input is
+HTTP 422 with a one-line `detail` (a body over the size limit 413, a full queue 503 with Retry-After); the OpenAPI
+page is at /docs, the web page at /. With `SecurityOptions`, every route needs credentials
+(`microbatch.server.security`) and CORS allows the given origins (else it is off).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from microbatch.server.worker import QueueFull, ShuttingDown, Worker
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 10  # what a client told "queue full" should wait before trying again
+DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 
 
 class _BodyTooLarge(Exception):
@@ -114,15 +116,17 @@ def create_app(
     max_batch_size: Any = None,
     embeddings_dir: str = "embeddings",
     security: Optional[SecurityOptions] = None,
+    batching: bool = True,
 ) -> FastAPI:
     """The web UI API over `pipeline`. `limits`: what one request may ask for (default `ServerLimits()`);
-    `max_batch_size`: images per UNet micro-batch within a request (an int, "auto", or None for the pipeline's
-    default); `embeddings_dir`: the textual-inversion embeddings prompts may use (loaded now, and again by a
-    request when its files changed); `security`: credentials every route needs and CORS origins (default: none,
-    CORS off). The worker thread starts here and stops (after the queued requests) when the app shuts down."""
+    `max_batch_size`: most images in flight, whose rows share each UNet call (an int, "auto", or None for the
+    scripts' default for the image size); `embeddings_dir`: the textual-inversion embeddings prompts may use
+    (loaded now, and again by a request when its files changed); `security`: credentials every route needs and
+    CORS origins (default: none, CORS off); `batching` False: one request at a time. Running requests finish
+    before the app's shutdown completes."""
     limits = limits or ServerLimits()
-    service = Service(pipeline, limits, max_batch_size, embeddings_dir)
-    worker = Worker(pipeline, limits.max_queue)
+    service = Service(pipeline, limits, max_batch_size, embeddings_dir, batching)
+    worker = Worker(pipeline, limits.max_queue, on_stop=service.scheduler.admission.wake)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -159,11 +163,17 @@ def create_app(
     async def _failed(request: Request, e: GenerationFailed) -> JSONResponse:
         return _error(500, "GenerationFailed", str(e))
 
-    async def generate(payload: Txt2ImgRequest, mode: str) -> dict[str, Any]:
+    async def generate(payload: Txt2ImgRequest, mode: str, http_request: Request) -> dict[str, Any]:
         built = await run_in_threadpool(service.build, payload, mode)
         future = worker.submit(lambda control: service.run(built, control), built.job, built.request.n_iter)
+        answer = asyncio.wrap_future(future)
         try:
-            return await asyncio.wrap_future(future)
+            # A client that goes away has its rows dropped at their next step (or leaves the queue).
+            while not (await asyncio.wait({answer}, timeout=DISCONNECT_POLL_S))[0]:
+                if await http_request.is_disconnected():
+                    worker.disconnect(future.control)  # type: ignore[attr-defined]
+                    break
+            return await answer
         except (UsageError, ValueError) as e:  # found only when the model is at hand (an unreadable image...)
             raise UsageError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - one line to the client, the traceback to the log
@@ -171,21 +181,22 @@ def create_app(
             raise GenerationFailed(f"{type(e).__name__}: {e}") from None
 
     @app.post("/sdapi/v1/txt2img", tags=["sdapi"])
-    async def txt2img(payload: Txt2ImgRequest) -> dict[str, Any]:
+    async def txt2img(payload: Txt2ImgRequest, http_request: Request) -> dict[str, Any]:
         """Text to image; answers images (base64 PNGs with their parameters chunk), parameters and info."""
-        return await generate(payload, "txt2img")
+        return await generate(payload, "txt2img", http_request)
 
     @app.post("/sdapi/v1/img2img", tags=["sdapi"])
-    async def img2img(payload: Img2ImgRequest) -> dict[str, Any]:
+    async def img2img(payload: Img2ImgRequest, http_request: Request) -> dict[str, Any]:
         """Image to image from init_images[0]; with mask, inpainting (white = repaint)."""
-        return await generate(payload, "img2img")
+        return await generate(payload, "img2img", http_request)
 
     @app.get("/sdapi/v1/progress", tags=["sdapi"])
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        """The running request's progress (0..1), its estimated seconds left and the web UI's state fields."""
+        """The progress (0..1) of the earliest running request, its estimated seconds left and the web UI's state
+        fields; `queued` counts the requests waiting."""
         control = worker.current()
         waiting = worker.waiting
-        snap = pipeline.progress()
+        snap = control.progress if control else pipeline.progress()
         state = {
             "skipped": bool(control and control.skipped), "interrupted": bool(control and control.interrupted),
             "stopping_generation": False, "job": control.job if control else "", "job_count": control.batches if control else 0,
@@ -202,15 +213,22 @@ def create_app(
 
     @app.post("/sdapi/v1/interrupt", tags=["sdapi"])
     async def interrupt() -> dict[str, Any]:
-        """Stop the running request after its current sampler step; it answers the images finished so far."""
+        """Stop every running request after its current sampler step; each answers the images finished so far
+        (waiting requests still run)."""
         worker.interrupt()
         return {}
 
     @app.post("/sdapi/v1/skip", tags=["sdapi"])
     async def skip() -> dict[str, Any]:
-        """Stop the running request's current n_iter batch; it goes on with the next."""
+        """Stop every running request's current n_iter batch; each goes on with its next."""
         worker.skip()
         return {}
+
+    @app.get("/microbatch/v1/batching", tags=["microbatch"])
+    async def batching_stats() -> dict[str, Any]:
+        """Cross-request batching counters: UNet calls, rows per call, calls holding rows of several requests
+        (shared_calls), out-of-memory halvings, requests dropped at a step, and the queue."""
+        return {**service.scheduler.stats(), "queued": worker.waiting, "running": len(worker.running())}
 
     @app.get("/sdapi/v1/samplers", tags=["sdapi"])
     async def samplers() -> list[dict[str, Any]]:

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--insecure", action="store_true", help="allow --listen / a non-loopback --host without authentication")
     g.add_argument("--cors-allow-origins", dest="cors_allow_origins", type=str, default=None, metavar="ORIGIN[,ORIGIN]", help="web origins whose pages may call the API from a browser (e.g. http://localhost:5173); default: none, CORS off")
     g = p.add_argument_group("limits and batching")
-    g.add_argument("--max_batch_size", type=str, default=None, help="most images per UNet micro-batch within a request, or auto (default: the scripts')")
+    g.add_argument("--max_batch_size", type=str, default=None, help="most images in flight, all requests together, whose rows share each UNet call; or auto (default: the scripts' for the image size)")
+    g.add_argument("--batching", choices=["on", "off"], default="on", help="on: requests of the same size and LoRA set share UNet calls (continuous batching); off: one request at a time")
     g.add_argument("--max_pixels", type=int, default=1024 * 1024, help="most pixels (width x height) of an image a request may ask for")
     g.add_argument("--max_steps", type=int, default=150, help="most sampling steps a request may ask for")
     g.add_argument("--max_images", type=int, default=16, help="most images (batch_size x n_iter) per request")
@@ -135,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pipeline = Pipeline.load(options, on_note=print)
         if args.embeddings_dir != "embeddings" and not Path(args.embeddings_dir).is_dir():
             raise UsageError(f"--embeddings_dir {args.embeddings_dir}: no such folder")
-        app = create_app(pipeline, limits, max_batch_size, args.embeddings_dir, security)
+        app = create_app(pipeline, limits, max_batch_size, args.embeddings_dir, security, batching=args.batching == "on")
     except (KeyboardInterrupt, UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
         return exit_code_for(e, args.verbose)
     if not is_loopback(host) and not security.auth_required:

@@ -1,8 +1,9 @@
 """From a web UI API payload to a `GenerationRequest`, and from the pipeline's images to the web UI's answer.
 
 `Service.build` checks a payload against the server's limits and turns it into a `GenerationRequest` (the same
-object the scripts build from flags, so the same settings give the CLI's pixels); `Service.run` runs it on the
-worker thread, one `n_iter` batch per `Pipeline.generate` call, and returns the response body: base64 PNGs with
+object the scripts build from flags, so the same settings give the CLI's pixels); `Service.run` runs it in
+its task's thread, one `n_iter` batch per `Pipeline.run` call (micro-batches batched across requests by
+`microbatch.server.scheduler`), and returns the response body: base64 PNGs with
 their `parameters` chunk, the request echoed, and `info` (a JSON string with the seeds, prompts and infotexts).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from microbatch.server.codec import decode_image, encode_png, png_text
 from microbatch.hires import hires_size
 from microbatch.server.payloads import Img2ImgRequest, OptionsUpdate, Txt2ImgRequest, refused_fields
 from microbatch.server.webui import api_message, resolve_sampler, webui_sampler_name
+from microbatch.server.scheduler import Scheduler
 from microbatch.server.worker import TaskControl
 from samplers import get_sampler
 
@@ -78,10 +80,13 @@ _FIXED_OPTIONS = {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}
 class Service:
     """The server's state around one loaded `Pipeline`: limits, options and the translations both ways."""
 
-    def __init__(self, pipeline: Pipeline, limits: ServerLimits, max_batch_size: Any = None, embeddings_dir: str = "embeddings") -> None:
+    def __init__(
+        self, pipeline: Pipeline, limits: ServerLimits, max_batch_size: Any = None, embeddings_dir: str = "embeddings", batching: bool = True
+    ) -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.max_batch_size = max_batch_size
+        self.scheduler = Scheduler(pipeline, max_batch_size, batching)
         self.options = ServerOptions()
         self._options_lock = threading.Lock()
         self.embeddings_dir = str(embeddings_dir)
@@ -262,31 +267,30 @@ class Service:
                 mask = ImageOps.invert(mask)
         return init, mask
 
-    # -- running (the worker thread) --
+    # -- running (the task's thread) --
     def run(self, built: BuiltRequest, control: TaskControl) -> dict[str, Any]:
-        """Make the request's images, one n_iter batch per generate call; returns the response body."""
+        """Make the request's images, one n_iter batch per `Pipeline.run` call, its micro-batches admitted and
+        batched with other requests' by the scheduler; returns the response body."""
         request = built.request
         jobs = request.jobs()
         per_batch = request.n_samples
         images: list[GeneratedImage] = []
         plan: Optional[Plan] = None
         interrupted = False
-
-        def on_step(event: Any) -> None:
-            if control.interrupted or control.skipped:  # asked while the batch was starting: stop at this step
-                self.pipeline.cancel()
-
-        for k in range(request.n_iter):
-            if control.interrupted:
-                interrupted = True
-                break
-            control.batch_no, control.skipped = k, False
-            result = self.pipeline.generate(request, callback=on_step, jobs=jobs[k * per_batch : (k + 1) * per_batch])
-            images += result.images
-            plan = result.plan
-            if result.interrupted and control.interrupted:
-                interrupted = True
-                break
+        with self.scheduler.ticket() as ticket:
+            sampling = self.scheduler.sampling(ticket, control.should_stop, control.mark_admitted)
+            for k in range(request.n_iter):
+                if control.interrupted or control.disconnected:
+                    interrupted = True
+                    break
+                control.batch_no, control.skipped = k, False
+                result = self.pipeline.run(request, jobs=jobs[k * per_batch : (k + 1) * per_batch], progress=control.set_progress,
+                                           cancelled=control.should_stop, sampling=sampling)
+                images += result.images
+                plan = result.plan
+                if result.interrupted and (control.interrupted or control.disconnected):
+                    interrupted = True
+                    break
         encoded = [encode_png(image.array, {"parameters": image.parameters}) for image in images] if built.send_images else []
         return {"images": encoded, "parameters": built.echo, "info": json.dumps(self.info(built, images, plan, interrupted))}
 

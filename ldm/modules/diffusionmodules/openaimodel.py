@@ -34,8 +34,10 @@ class TimeEmbedding:
 
     A batch usually holds one timestep, so the time MLPs run once on U rows instead of B. That is cheaper, and it
     keeps every image's result independent of the batch size: small-M matrix products take other kernels (with
-    another summation order) than large ones. With an `adm` vector (SDXL) the distinct rows are the distinct
-    (timestep, vector) pairs: a guided batch holds about two.
+    another summation order) than large ones. For the same reason each distinct row goes through the MLPs alone
+    (M = 1): the rows of concurrent requests at different noise levels may share a UNet call (the server's
+    continuous batching), and an image's result must not depend on which other timesteps its call held. With an
+    `adm` vector (SDXL) the distinct rows are the distinct (timestep, vector) pairs: a guided batch holds about two.
     """
 
     def __init__(self, values: torch.Tensor, index: torch.Tensor):
@@ -43,8 +45,15 @@ class TimeEmbedding:
         self.index = index
 
     def map(self, fn) -> torch.Tensor:
-        """fn applied to the distinct rows, expanded to the batch: [B, ...]."""
-        return fn(self.values)[self.index]
+        """fn applied to each distinct row alone, expanded to the batch: [B, ...]."""
+        return rowwise(fn, self.values)[self.index]
+
+
+def rowwise(fn, rows: torch.Tensor) -> torch.Tensor:
+    """fn applied to rows [U, ...] one row at a time (the kernels of a one-row call whatever U), concatenated."""
+    if rows.shape[0] == 1:
+        return fn(rows)
+    return torch.cat([fn(rows[i : i + 1]) for i in range(rows.shape[0])])
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
@@ -338,7 +347,8 @@ class UNetModel(nn.Module):
             )
         if y is None:
             distinct, index = torch.unique(timesteps, return_inverse=True)
-            emb = TimeEmbedding(self.time_embed(timestep_embedding(distinct, self.model_channels).to(dtype)), index)
+            embed = lambda t: self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # noqa: E731
+            emb = TimeEmbedding(rowwise(embed, distinct), index)
         else:
             emb = self._time_and_label_embedding(timesteps, y, dtype)
         if context is not None:
@@ -359,6 +369,9 @@ class UNetModel(nn.Module):
             raise ValueError(f"y must be [B={timesteps.shape[0]}, {self.adm_in_channels}], got {tuple(y.shape)}")
         rows = torch.cat([timesteps[:, None].to(torch.float64), y.to(torch.float64)], dim=1)
         distinct, index = torch.unique(rows, dim=0, return_inverse=True)
-        t, y = distinct[:, 0], distinct[:, 1:]
-        values = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype)) + self.label_emb(y.to(dtype))
-        return TimeEmbedding(values, index)
+
+        def embed(row: torch.Tensor) -> torch.Tensor:
+            t, y = row[:, 0], row[:, 1:]
+            return self.time_embed(timestep_embedding(t, self.model_channels).to(dtype)) + self.label_emb(y.to(dtype))
+
+        return TimeEmbedding(rowwise(embed, distinct), index)

@@ -136,8 +136,12 @@ class RowwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Training (gradients on) keeps the batched kernel: only inference results must not depend on the batch.
-        if x.dim() != 4 or x.shape[0] <= 1 or torch.is_grad_enabled() or x.device.type != "cpu":
+        if x.dim() != 4 or x.shape[0] == 0 or torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
+        if x.shape[0] == 1:
+            # in the layout a batch's output has (contiguous): oneDNN may return channels-last, and the next
+            # GroupNorm picks its algorithm by layout, so one row would not match the same row of a batch
+            return super().forward(x).contiguous()
         first = super().forward(x[:1])
         out = first.new_empty((x.shape[0], *first.shape[1:]))
         out[:1] = first

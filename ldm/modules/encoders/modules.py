@@ -287,12 +287,20 @@ class LongPromptEncoder:
     def encode_weighted(self, prompts: Sequence[Sequence[Sequence[Any]]], clip_skip: int = 1, emphasis: str = "Original") -> torch.Tensor:
         """Batch of weighted prompts (each a list of (text, weight) fragments) -> context [B, 77 k, C], encoded
         together as the web UI encodes one batch: chunks, empty-chunk padding, emphasis over the batch."""
+        return self.encode_weighted_chunks(prompts, clip_skip, emphasis)[0]
+
+    def encode_weighted_chunks(
+        self, prompts: Sequence[Sequence[Sequence[Any]]], clip_skip: int = 1, emphasis: str = "Original"
+    ) -> tuple[torch.Tensor, list[PromptChunks], dict[ChunkRow, torch.Tensor]]:
+        """encode_weighted, also returning each prompt's chunks and every chunk's hidden states before emphasis
+        (SDXL's pooled output comes from the first chunk's)."""
         check_emphasis(emphasis)
         group = [self.tokenize_weighted(fragments) for fragments in prompts]
         rows = [row for p in group for row in p.tokens]
         if any(len(p.tokens) < max(len(q.tokens) for q in group) for p in group):
             rows.append(self.empty_chunk())
-        return self.assemble(group, self.encode_chunk_rows(rows, clip_skip), emphasis)
+        encoded = self.encode_chunk_rows(rows, clip_skip)
+        return self.assemble(group, encoded, emphasis), group, encoded
 
 
 class CLIPTextHolder(nn.Module):

@@ -7,17 +7,24 @@ embeds the size micro-conditioning (original size, crop, target size; the refine
 downloaded: weights come from the checkpoint, the tokenizer is the bundled BPE.
 
 Shapes for SDXL base: batch["txt"] (B prompts) -> crossattn [B, 77, 768 + 1280]; vector [B, 1280 + 3 * 512].
+
+The web UI's prompt language: with batch["txt"] a `WeightedPrompts` (parsed prompts) instead of strings, each text
+embedder encodes the prompts with the SD 1.x long-prompt rules of `LongPromptEncoder` (75-token chunks wrapped in
+bos/eos, comma back-tracking, BREAK, emphasis rescaled to the original mean, each encoder on its own), so crossattn
+is [B, 77 k, 768 + 1280], and the pooled vector comes from each prompt's first chunk, as the AUTOMATIC1111 web UI
+encodes SDXL prompts.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
-from ldm.modules.encoders.modules import AbstractEncoder, VIT_H14_TEXT_CONFIG
+from ldm.modules.encoders.modules import AbstractEncoder, VIT_H14_TEXT_CONFIG, check_clip_skip, check_emphasis
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder as _LdmFrozenCLIPEmbedder
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder as _LdmFrozenOpenCLIPEmbedder
 from ldm.util import instantiate_from_config
@@ -41,10 +48,62 @@ SDXL_OPENCLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {"ViT-bigG-14": VIT_BIGG
 Embedding = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
-class FrozenCLIPEmbedder(_LdmFrozenCLIPEmbedder):
+@dataclass(frozen=True)
+class WeightedPrompts:
+    """B prompts in the web UI's prompt language, parsed, for batch["txt"]: the text embedders then encode them the
+    web UI's way (see the module docstring) instead of cutting plain text at 77 tokens.
+
+    Attributes:
+        fragments: per prompt its [(text, weight), ...] (`microbatch.prompts.parse_prompt_attention`'s output,
+            ("BREAK", -1) included). The prompts are encoded together, as one web UI call: a prompt with fewer
+            chunks is padded with the empty prompt's chunk, and emphasis keeps the mean over the batch.
+        clip_skip: validated and ignored: SDXL's encoders keep their configured layers, as in the web UI with its
+            default settings ("Clip skip SDXL" off; even on, it only touches CLIP ViT-L).
+        emphasis: one of ldm.modules.encoders.modules.EMPHASIS_MODES ("Original", the web UI's default).
+    """
+
+    fragments: tuple[tuple[tuple[str, float], ...], ...]
+    clip_skip: int = 1
+    emphasis: str = "Original"
+
+    def __post_init__(self) -> None:
+        if not self.fragments:
+            raise ValueError("WeightedPrompts needs at least one prompt")
+        check_emphasis(self.emphasis)
+
+    def __len__(self) -> int:
+        return len(self.fragments)
+
+
+class _PromptLanguage:
+    """encode_prompt_language for SDXL's text embedders (LongPromptEncoders with sgm's `return_pooled`)."""
+
+    return_pooled: bool
+
+    def encode_prompt_language(self, prompts: WeightedPrompts) -> Embedding:
+        """-> z [B, 77 k, C] (each chunk's hidden states, weighted, concatenated), or (z, pooled [B, P]) with
+        `return_pooled`, pooled from each prompt's first chunk before emphasis (the web UI's `zs[0].pooled`)."""
+        z, group, encoded = self.encode_weighted_chunks(prompts.fragments, prompts.clip_skip, prompts.emphasis)
+        if not self.return_pooled:
+            return z
+        first = [chunks.tokens[0] for chunks in group]
+        tokens = torch.tensor(first, dtype=torch.long, device=self.device)
+        return z, self.pooled_from_hidden(torch.stack([encoded[row] for row in first]), tokens)
+
+    def pooled_from_hidden(self, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _first_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """[B, N] ids -> [B] index of each row's first eos (every row the tokenizer or the chunker makes has one)."""
+    return (tokens == eos).int().argmax(dim=-1)
+
+
+class FrozenCLIPEmbedder(_PromptLanguage, _LdmFrozenCLIPEmbedder):
     """CLIP ViT-L/14 text transformer (ours), with sgm's `always_return_pooled`: prompts -> z, or (z, pooled
     [B, hidden]) where z is [B, 77, hidden] from `layer` ("hidden" with `layer_idx`: hidden_states[layer_idx],
-    before the final LayerNorm; SDXL uses layer_idx 11, the penultimate layer)."""
+    before the final LayerNorm; SDXL uses layer_idx 11, the penultimate layer). Given `WeightedPrompts`, z is
+    [B, 77 k, hidden] (`encode_prompt_language`)."""
 
     def __init__(
         self,
@@ -66,7 +125,9 @@ class FrozenCLIPEmbedder(_LdmFrozenCLIPEmbedder):
             raise ValueError(f"layer_idx {layer_idx} is out of range for a {layers}-layer text transformer")
         self.return_pooled = always_return_pooled
 
-    def forward(self, text: list[str]) -> Embedding:
+    def forward(self, text: Union[list[str], WeightedPrompts]) -> Embedding:
+        if isinstance(text, WeightedPrompts):
+            return self.encode_prompt_language(text)
         if not self.return_pooled:
             return super().forward(text)
         tokens = self.tokenize(text).to(self.device)
@@ -79,8 +140,22 @@ class FrozenCLIPEmbedder(_LdmFrozenCLIPEmbedder):
             z = outputs.hidden_states[self.layer_idx]
         return z, outputs.pooler_output
 
+    def encode_chunk_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """tokens [N, L] -> z [N, L, hidden] of `layer` (the chunks of the prompt language). clip_skip is validated
+        and ignored: the web UI leaves SDXL's CLIP ViT-L at its configured layer unless its "Clip skip SDXL" option
+        (off by default) is set."""
+        check_clip_skip(clip_skip, self.num_layers)
+        return super().encode_chunk_tokens(tokens, 1)
 
-class FrozenOpenCLIPEmbedder2(_LdmFrozenOpenCLIPEmbedder):
+    def pooled_from_hidden(self, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """pooler_output [N, hidden] of chunk rows tokens [N, 77]. With layer "last" it is z (the final LayerNorm's
+        output) at the eos; otherwise the rows go through the transformer again (no published config pools ViT-L)."""
+        if self.layer == "last":
+            return z[torch.arange(z.shape[0], device=z.device), _first_eos(tokens, self.tokenizer.eos_token_id)]
+        return self.transformer(input_ids=tokens).pooler_output
+
+
+class FrozenOpenCLIPEmbedder2(_PromptLanguage, _LdmFrozenOpenCLIPEmbedder):
     """OpenCLIP's text tower (ours) with sgm's outputs; SDXL uses arch ViT-bigG-14, layer penultimate,
     `legacy: False`, `always_return_pooled: True`.
 
@@ -89,6 +164,8 @@ class FrozenOpenCLIPEmbedder2(_LdmFrozenOpenCLIPEmbedder):
     times `text_projection`, [B, projection_dim]. With `always_return_pooled` the output is (z, pooled).
     legacy=True is SD 2.x's output: ln_final of the chosen layer (our FrozenOpenCLIPEmbedder), without pooling.
     `text_config` (CLIPTextConfig field names) overrides the architecture's fields, for small test models.
+    Given `WeightedPrompts`, z is [B, 77 k, width] and pooled comes from each prompt's first chunk
+    (`encode_prompt_language`).
     """
 
     def __init__(
@@ -113,7 +190,9 @@ class FrozenOpenCLIPEmbedder2(_LdmFrozenOpenCLIPEmbedder):
         self.return_pooled = always_return_pooled
         self.legacy = legacy
 
-    def forward(self, text: list[str]) -> Embedding:
+    def forward(self, text: Union[list[str], WeightedPrompts]) -> Embedding:
+        if isinstance(text, WeightedPrompts):
+            return self.encode_prompt_language(text)
         if self.legacy:
             return super().forward(text)
         tokens = self.tokenize(text).to(self.device)
@@ -122,18 +201,30 @@ class FrozenOpenCLIPEmbedder2(_LdmFrozenOpenCLIPEmbedder):
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, N] -> (hidden state of `layer` without ln_final [B, N, W], pooled [B, projection_dim])."""
+        z = self.encode_chunk_tokens(tokens)
+        return z, self.pooled_from_hidden(z, tokens)
+
+    def encode_chunk_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """tokens [N, L] -> z [N, L, W]: legacy, SD 2.x's output; else the hidden state after all blocks but the
+        last ("penultimate") or after all ("last"), without ln_final. clip_skip is validated and ignored, as the
+        web UI ignores it for OpenCLIP bigG."""
+        if self.legacy:
+            return super().encode_chunk_tokens(tokens, clip_skip)
+        check_clip_skip(clip_skip, self.num_layers)
         tower = self.model
-        blocks = tower.transformer.resblocks
         x = tower.token_embedding(tokens) + tower.positional_embedding[: tokens.shape[1]]
-        for block in blocks[:-1]:
+        for block in tower.transformer.resblocks[: self.num_layers - self.layer_idx]:
             x = block(x)
-        penultimate = x
-        last = blocks[-1](x)
-        z = penultimate if self.layer == "penultimate" else last
+        return x
+
+    def pooled_from_hidden(self, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """z [N, L, W] from encode_chunk_tokens (non-legacy) and its tokens [N, L] -> pooled [N, projection_dim]:
+        ln_final of the last block's output at each row's eos, times text_projection."""
+        tower = self.model
+        last = tower.transformer.resblocks[-1](z) if self.layer == "penultimate" else z
         final = tower.ln_final(last)
-        # the eos token has the largest id (49407), so argmax finds each prompt's end (padding is 0)
-        pooled = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)] @ tower.text_projection
-        return z, pooled
+        eos = _first_eos(tokens, self.tokenizer.eos_token_id)
+        return final[torch.arange(final.shape[0], device=final.device), eos] @ tower.text_projection
 
 
 class ConcatTimestepEmbedderND(AbstractEncoder):
@@ -199,9 +290,15 @@ class GeneralConditioner(nn.Module):
                     keys.append(key)
         return keys
 
+    @property
+    def num_layers(self) -> Optional[int]:
+        """The fewest layers among the text encoders (the largest clip skip they accept, and ignore), or None."""
+        layers = [e.num_layers for e in self.embedders if getattr(e, "input_key", None) == "txt" and hasattr(e, "num_layers")]
+        return min(layers) if layers else None
+
     def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        """batch: the original keys ("txt": B prompts, "original_size_as_tuple" [B, 2] (height, width),
-        "crop_coords_top_left" [B, 2] (top, left), "target_size_as_tuple" [B, 2], "aesthetic_score" [B, 1]).
+        """batch: the original keys ("txt": B prompts, or WeightedPrompts, "original_size_as_tuple" [B, 2] (height,
+        width), "crop_coords_top_left" [B, 2] (top, left), "target_size_as_tuple" [B, 2], "aesthetic_score" [B, 1]).
         Outputs of embedders whose input_key is in `force_zero_embeddings` are zeros (the published sampling's
         negative branch passes ["txt"])."""
         missing = [k for k in self.input_keys if k not in batch]
