@@ -1,15 +1,21 @@
-"""LoRA and LyCORIS networks merged into an SD 1.x / 2.x model's weights, removable bit-exactly.
+"""LoRA and LyCORIS networks merged into an SD 1.x / 2.x or SDXL model's weights, removable bit-exactly.
 
-Formats: kohya LoRA (`lora_unet_*` / `lora_te_*` with `.lora_down` / `.lora_up` / `.alpha`, LoCon convolutions
-with `.lora_mid`), LyCORIS LoHa (`.hada_w1_a` ...) and LoKr (`.lokr_w1` ...), and diffusers / PEFT files
-(`unet.*` / `text_encoder.*` with `.lora_A` / `.lora_B`, `.lora.down` / `.lora.up`, `.lora_linear_layer.*`).
+Formats: kohya LoRA (`lora_unet_*` / `lora_te_*`, SDXL `lora_te1_*` / `lora_te2_*`, with `.lora_down` /
+`.lora_up` / `.alpha`, LoCon convolutions with `.lora_mid`), LyCORIS LoHa (`.hada_w1_a` ...) and LoKr
+(`.lokr_w1` ...), and diffusers / PEFT files (`unet.*` / `text_encoder.*`, SDXL also `text_encoder_2.*`, with
+`.lora_A` / `.lora_B`, `.lora.down` / `.lora.up`, `.lora_linear_layer.*`).
 
-Kohya files name layers by the diffusers module path with dots flattened to underscores
-(`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`); our modules keep the original ldm
-names (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`), so the UNet's ldm names are translated to diffusers
-names from its block layout. SD 2.x's OpenCLIP attention keeps q, k and v in one `in_proj_weight` [3W, W]; a
-LoRA trained on the transformers text model has separate `q_proj` / `k_proj` / `v_proj` layers, which land on
-row slices of it.
+Kohya's SD 1.x / 2.x files name layers by the diffusers module path with dots flattened to underscores
+(`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`); its SDXL files by the original sgm path
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `lora_unet_label_emb_0_0`), as the web UI reads
+them. Our modules keep the original names, so both spellings are indexed: the ldm name itself and the diffusers
+name derived from the UNet's block layout (per-level residual block counts; SDXL's first level has no attention,
+`label_emb.0.0` / `.0.2` is `add_embedding.linear_1` / `_2`). Text encoders: SD 1.x's CLIP and SDXL's CLIP ViT-L
+(`lora_te1_`, diffusers `text_encoder.`) are transformers' CLIPTextModel, named as the trainers see them; the
+OpenCLIP towers of SD 2.x and SDXL (ViT-bigG: `lora_te2_`, `text_encoder_2.`) keep q, k and v in one
+`in_proj_weight` [3W, W], so a LoRA trained on the transformers text model's separate `q_proj` / `k_proj` /
+`v_proj` lands on row slices of it, `out_proj` on `attn.out_proj`, `mlp.fc1` / `fc2` on `mlp.c_fc` / `c_proj`.
+The SDXL refiner's only text encoder (bigG, `conditioner.embedders.0`) is `te2` as well.
 
 Merging, not hooking: applying computes each layer's delta once (W' = W + multiplier * scale * delta) and a step
 costs nothing extra. The original of every touched weight is kept (by default in CPU memory); each change
@@ -18,7 +24,11 @@ order gives the same bits as applying only the rest, and removing the last one c
 Measured (CPU, 1 thread): the tiny test model, a 103-layer LoCon file: apply 46 ms with the file read, remove
 3 ms, a step unchanged. Full-size SD 1.x: a kohya LoRA touches 264 weights (192 UNet attention, 72 text; 352 M
 values, so 0.7 GB of fp16 originals kept), a LoCon 66 convolutions more (564 M); delta + merge timed per distinct
-shape at rank 32 and summed: about 3.2 s and 16 s per application on one CPU thread.
+shape at rank 32 and summed: about 3.2 s and 16 s per application on one CPU thread. Full-size SDXL base, kohya's
+default targets (every transformer block's linears and proj_in / proj_out, both text encoders' attention and MLP
+linears: 986 layers on 922 weights, bigG's q / k / v sharing in_proj_weight): 2.92 G values, nearly the whole
+UNet, so 5.4 GiB of fp16 originals kept; delta + merge the same way: about 41 s per application on one CPU thread.
+Deltas are made on the weight's device (a GPU model merges on the GPU).
 """
 from __future__ import annotations
 
@@ -115,6 +125,7 @@ def _unet_block_prefixes(unet: torch.nn.Module) -> dict[str, str]:
 def _unet_diffusers_name(ldm_name: str, unet: torch.nn.Module, blocks: dict[str, str]) -> Optional[str]:
     """The diffusers module path of an ldm UNet module path (relative to `diffusion_model`), or None."""
     top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+           "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",  # SDXL's adm MLP
            "out.0": "conv_norm_out", "out.2": "conv_out", "input_blocks.0.0": "conv_in"}
     if ldm_name in top:
         return top[ldm_name]
@@ -144,10 +155,31 @@ def _flat(name: str) -> str:
     return name.replace(".", "_")
 
 
+def is_sdxl_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is an SDXL DiffusionEngine (base or refiner): text encoders under `conditioner.embedders`."""
+    return hasattr(model, "conditioner") and hasattr(model.conditioner, "embedders")
+
+
+def _text_encoders(model: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module]]:
+    """(index prefix, parameter path, module) of each text encoder: SD 1.x / 2.x's `cond_stage_model` as "te";
+    SDXL's CLIP ViT-L as "te1" and OpenCLIP bigG as "te2" at their `conditioner.embedders.N` paths (the
+    refiner has bigG only, at N = 0)."""
+    if not is_sdxl_model(model):
+        return [("te", "cond_stage_model", model.cond_stage_model)]
+    out = []
+    for i, embedder in enumerate(model.conditioner.embedders):
+        if hasattr(embedder, "transformer"):
+            out.append(("te1", f"conditioner.embedders.{i}", embedder))
+        elif hasattr(getattr(embedder, "model", None), "transformer"):
+            out.append(("te2", f"conditioner.embedders.{i}", embedder))
+    return out
+
+
 def _layer_index(model: torch.nn.Module) -> dict[str, _Target]:
     """Flattened layer name (kohya style, without `lora_unet_` / `lora_te_`) -> target parameter. UNet layers
-    appear under their diffusers name and their ldm name (some trainers write the latter); text-encoder layers
-    under the transformers CLIP name (`text_model_encoder_layers_0_self_attn_q_proj`)."""
+    appear under their diffusers name and their ldm name (kohya's SDXL files use the latter); text-encoder layers
+    under the transformers CLIP name (`text_model_encoder_layers_0_self_attn_q_proj`), keyed "te:" (SD 1.x /
+    2.x), "te1:" (SDXL's CLIP ViT-L) or "te2:" (SDXL's OpenCLIP bigG)."""
     index: dict[str, _Target] = {}
     unet = model.model.diffusion_model
     blocks = _unet_block_prefixes(unet)
@@ -160,32 +192,37 @@ def _layer_index(model: torch.nn.Module) -> dict[str, _Target]:
         diffusers = _unet_diffusers_name(name, unet, blocks)
         if diffusers is not None:
             index["unet:" + _flat(diffusers)] = target
-    encoder = model.cond_stage_model
-    if hasattr(encoder, "transformer"):  # SD 1.x: transformers' CLIPTextModel, names as the LoRA trainers see them
-        for name, module in encoder.transformer.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                flat = _flat(name if name.startswith("text_model.") else "text_model." + name)
-                index["te:" + flat] = _Target(f"cond_stage_model.transformer.{name}.weight", None, True)
-    elif hasattr(encoder, "model"):  # SD 2.x: OpenCLIP resblocks
-        for i, block in enumerate(encoder.model.transformer.resblocks):
-            base = f"cond_stage_model.model.transformer.resblocks.{i}"
-            width = block.attn.in_proj_weight.shape[1]
-            te = f"te:text_model_encoder_layers_{i}_"
-            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                index[te + "self_attn_" + proj] = _Target(f"{base}.attn.in_proj_weight", (j * width, (j + 1) * width), True)
-            index[te + "self_attn_out_proj"] = _Target(f"{base}.attn.out_proj.weight", None, True)
-            index[te + "mlp_fc1"] = _Target(f"{base}.mlp.c_fc.weight", None, True)
-            index[te + "mlp_fc2"] = _Target(f"{base}.mlp.c_proj.weight", None, True)
+    for kind, path, encoder in _text_encoders(model):
+        if hasattr(encoder, "transformer"):  # transformers' CLIPTextModel, names as the LoRA trainers see them
+            for name, module in encoder.transformer.named_modules():
+                if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                    flat = _flat(name if name.startswith("text_model.") else "text_model." + name)
+                    index[f"{kind}:{flat}"] = _Target(f"{path}.transformer.{name}.weight", None, True)
+        else:  # OpenCLIP resblocks: q / k / v are row blocks of in_proj_weight
+            for i, block in enumerate(encoder.model.transformer.resblocks):
+                base = f"{path}.model.transformer.resblocks.{i}"
+                width = block.attn.in_proj_weight.shape[1]
+                te = f"{kind}:text_model_encoder_layers_{i}_"
+                for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                    index[te + "self_attn_" + proj] = _Target(f"{base}.attn.in_proj_weight", (j * width, (j + 1) * width), True)
+                index[te + "self_attn_out_proj"] = _Target(f"{base}.attn.out_proj.weight", None, True)
+                index[te + "mlp_fc1"] = _Target(f"{base}.mlp.c_fc.weight", None, True)
+                index[te + "mlp_fc2"] = _Target(f"{base}.mlp.c_proj.weight", None, True)
     return index
 
 
-def _layer_key(file_key: str) -> Optional[str]:
-    """The index key ("unet:..." / "te:...") of a file's layer name, or None for an unknown prefix."""
-    if file_key.startswith("lora_unet_"):
-        return "unet:" + file_key[len("lora_unet_"):]
-    if file_key.startswith("lora_te_"):
-        return "te:" + file_key[len("lora_te_"):]
-    for prefix, part in (("unet.", "unet"), ("text_encoder.", "te")):
+# kohya prefixes and the text encoder they name; diffusers' `text_encoder.` is "te" on SD 1.x / 2.x, "te1" on SDXL
+_KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"))
+_SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+
+
+def _layer_key(file_key: str, sdxl: bool = False) -> Optional[str]:
+    """The index key ("unet:..." / "te:..." / "te1:..." / "te2:...") of a file's layer name, or None for an
+    unknown prefix. `sdxl`: the model is SDXL, where diffusers' `text_encoder.` is CLIP ViT-L."""
+    for prefix, part in _KOHYA_PREFIXES:
+        if file_key.startswith(prefix):
+            return f"{part}:{file_key[len(prefix):]}"
+    for prefix, part in (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1" if sdxl else "te")):
         if file_key.startswith(prefix):
             name = file_key[len(prefix):]
             # attention-processor files: attn1.processor.to_q_lora -> attn1.to_q, to_out_lora -> to_out.0; in
@@ -194,7 +231,7 @@ def _layer_key(file_key: str) -> Optional[str]:
             name = re.sub(r"\.processor\.to_out_lora$", ".to_out.0", name)
             name = re.sub(r"\.self_attn\.to_([qkv])_lora$", r".self_attn.\1_proj", name)
             name = re.sub(r"\.self_attn\.to_out_lora$", ".self_attn.out_proj", name)
-            if part == "te" and not name.startswith("text_model."):
+            if part != "unet" and not name.startswith("text_model."):
                 name = "text_model." + name
             return f"{part}:{_flat(name)}"
     return None
@@ -233,10 +270,10 @@ def _delta_numel(factors: dict[str, torch.Tensor], where: str) -> int:
     raise ValueError(f"{where}: incomplete layer, factors {sorted(factors)}")
 
 
-def _delta(factors: dict[str, torch.Tensor], shape: torch.Size, where: str) -> torch.Tensor:
+def _delta(factors: dict[str, torch.Tensor], shape: torch.Size, where: str, device: Optional[torch.device] = None) -> torch.Tensor:
     """The float32 weight delta of one layer, times its scale (alpha / rank where the file gives alpha), in the
     target's shape."""
-    f = {k: v.float() for k, v in factors.items()}
+    f = {k: v.to(device=device, dtype=torch.float32) for k, v in factors.items()}  # products on the weight's device
     rank: Optional[int] = None
     if "lora_down.weight" in f and "lora_up.weight" in f:
         down, up = f["lora_down.weight"], f["lora_up.weight"]
@@ -309,28 +346,57 @@ def _group(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, tor
 
 
 def _model_family(model: torch.nn.Module) -> tuple[str, int]:
+    """(family, text width of the UNet's cross-attention) of a model, from its structure: SDXL (a conditioner;
+    "SDXL refiner" without CLIP ViT-L), SD 2.x (an OpenCLIP text encoder), SD 1.x (CLIP)."""
     width = int(model.model.diffusion_model.context_dim)
+    if is_sdxl_model(model):
+        kinds = {kind for kind, _, _ in _text_encoders(model)}
+        return ("SDXL" if "te1" in kinds else "SDXL refiner"), width
+    encoder = getattr(model, "cond_stage_model", None)
+    if hasattr(encoder, "transformer"):
+        return "SD 1.x", width
+    if hasattr(getattr(encoder, "model", None), "transformer"):
+        return "SD 2.x", width
     return _FAMILY_BY_WIDTH.get(width, "a custom model"), width
 
 
-def _file_width(groups: dict[str, dict[str, torch.Tensor]]) -> Optional[int]:
-    """The text width a file was trained for: the input width of a cross-attention key / value projection or of
-    a text-encoder q / k / v projection."""
+def _width(groups: dict[str, dict[str, torch.Tensor]], pattern: str, names: Callable[[str], bool] = lambda n: True) -> Optional[int]:
+    """The input width of the first layer whose name matches `pattern` (and `names`), from its down factor."""
     for name, factors in groups.items():
-        if re.search(r"attn2[._]to_[kv]$|self_attn[._][qkv]_proj$", name):
+        if re.search(pattern, name) and names(name):
             for k in ("lora_down.weight", "hada_w1_b"):
                 if k in factors:
                     return int(factors[k].shape[1])
     return None
 
 
+def _file_family(groups: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]) -> tuple[Optional[bool], str, str]:
+    """(True for an SDXL file, False for an SD 1.x / 2.x one, None when it does not say; its family as an error
+    message names it; what says so). SDXL: text-encoder keys `lora_te1_` / `lora_te2_` / `text_encoder_2.`,
+    kohya's `ss_base_model_version: sdxl...`, or cross-attention reading SDXL's text width (2048, refiner 1280).
+    SD 1.x / 2.x: `lora_te_` keys or cross-attention reading 768 / 1024-wide text. The width named is the
+    cross-attention's (key / value input) or else the text encoder's (q / k / v input)."""
+    cross = _width(groups, r"attn2[._]to_[kv]$")
+    text = _width(groups, r"self_attn[._][qkv]_proj$", lambda n: not n.startswith(_SDXL_PREFIXES))
+    version = str(metadata.get("ss_base_model_version", ""))
+    xl_keys = sorted({p for k in groups for p in _SDXL_PREFIXES if k.startswith(p)})
+    if xl_keys or version.startswith("sdxl") or cross in (1280, 2048):
+        why = f"{' / '.join(xl_keys)} text-encoder keys" if xl_keys else f"ss_base_model_version {version}" if version.startswith("sdxl") else f"cross-attention reading {cross}-wide text"
+        return True, "SDXL" + (f" (text width {cross})" if cross else ""), why
+    width = cross or text
+    sd_keys = any(k.startswith("lora_te_") for k in groups)
+    family = _FAMILY_BY_WIDTH.get(width, "SD 1.x / 2.x" if sd_keys else "another model")
+    name = f"{family} (text width {width})" if width else "SD 1.x / 2.x" if sd_keys else "another model"
+    if sd_keys:
+        return False, name, "lora_te_ text-encoder keys (SDXL files name lora_te1_ / lora_te2_)"
+    if cross in (768, 1024):
+        return False, name, f"cross-attention reading {cross}-wide text"
+    return None, name, ""
+
+
 def _family_error(path: Path, model: torch.nn.Module, groups: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str], detail: str) -> ValueError:
     ours, our_width = _model_family(model)
-    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl") or any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in groups):
-        theirs = "SDXL"
-    else:
-        width = _file_width(groups)
-        theirs = f"{_FAMILY_BY_WIDTH.get(width, 'another model')} (text width {width})" if width else "another model"
+    _, theirs, _ = _file_family(groups, metadata)
     return ValueError(f"{path}: a LoRA for {theirs}, the model is {ours} (text width {our_width}): {detail}")
 
 
@@ -342,7 +408,7 @@ def _family_error(path: Path, model: torch.nn.Module, groups: dict[str, dict[str
 class _Patch:
     param: str
     rows: Optional[tuple[int, int]]
-    delta: Callable[[], torch.Tensor]  # float32, in the target's shape; computed on demand from the factors
+    delta: Callable[[torch.device], torch.Tensor]  # float32, target's shape, on that device; made on demand
 
 
 @dataclass
@@ -400,7 +466,7 @@ def _rewrite(model: torch.nn.Module, state: _ModelState, params: set[str]) -> No
             continue
         merged = original.to(param.device, torch.float32, copy=True)
         for patch in patches:
-            delta = patch.delta().to(param.device)
+            delta = patch.delta(param.device)
             if patch.rows is None:
                 merged += delta
             else:
@@ -409,16 +475,17 @@ def _rewrite(model: torch.nn.Module, state: _ModelState, params: set[str]) -> No
 
 
 def apply_lora(model: torch.nn.Module, path: Union[str, Path], weight: float = 1.0, te_weight: Optional[float] = None, backup_device: Union[str, torch.device] = "cpu") -> LoraHandle:
-    """Merge the LoRA / LyCORIS file at `path` into `model` (an SD 1.x / 2.x LatentDiffusion).
+    """Merge the LoRA / LyCORIS file at `path` into `model` (an SD 1.x / 2.x LatentDiffusion or an SDXL
+    DiffusionEngine, base or refiner).
 
     Args:
         weight: multiplier of the UNet layers (the web UI's `<lora:name:te:unet>` unet weight).
-        te_weight: multiplier of the text-encoder layers; None means `weight`.
+        te_weight: multiplier of the text-encoder layers (SDXL: both); None means `weight`.
         backup_device: where the originals of the touched weights are kept until the last network is removed.
     Returns a handle whose `remove()` restores the weights. A multiplier of 0 leaves those layers untouched (the
     weights stay bit-identical). File keys that match no layer are logged in one warning (once per file and
-    process); a file made for another model family (SDXL, another text width) raises a one-line ValueError naming
-    the file and both families.
+    process); a file made for another model family (SDXL on SD 1.x / 2.x, SD 1.x / 2.x on SDXL, a base LoRA on the
+    refiner, another text width) raises a one-line ValueError naming the file and both families.
     """
     path = Path(path)
     te_weight = weight if te_weight is None else te_weight
@@ -452,8 +519,12 @@ def _prepare(model: torch.nn.Module, path: Path, weight: float, te_weight: float
     groups, unknown = _group(state_dict)
     if not groups:
         raise ValueError(f"{path}: no LoRA / LyCORIS layers found (keys like {sorted(state_dict)[:3]})")
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in groups) or str(metadata.get("ss_base_model_version", "")).startswith("sdxl"):
-        raise _family_error(path, model, groups, metadata, "SDXL text-encoder keys")
+    sdxl = is_sdxl_model(model)
+    sdxl_file, _, why = _file_family(groups, metadata)
+    if sdxl_file is not None and sdxl_file != sdxl:
+        raise _family_error(path, model, groups, metadata, why)
+    if sdxl and _model_family(model)[0] == "SDXL refiner" and any(k.startswith("lora_te1_") or k.startswith("text_encoder.") for k in groups):
+        raise _family_error(path, model, groups, metadata, "CLIP ViT-L keys (lora_te1_ / text_encoder.): a LoRA for the base, the refiner has OpenCLIP bigG only")
     dora = [name for name, factors in groups.items() if "dora_scale" in factors]
     if dora:
         raise ValueError(f"{path}: DoRA layers (dora_scale, e.g. {dora[0]}) are not supported")
@@ -462,7 +533,7 @@ def _prepare(model: torch.nn.Module, path: Path, weight: float, te_weight: float
     unmatched = list(unknown)
     patches: list[_Patch] = []
     for name, factors in groups.items():
-        key = _layer_key(name)
+        key = _layer_key(name, sdxl)
         target = index.get(key) if key else None
         if target is None:
             unmatched.append(name)
@@ -485,8 +556,8 @@ def _prepare(model: torch.nn.Module, path: Path, weight: float, te_weight: float
     return patches
 
 
-def _scaled_delta(factors: dict[str, torch.Tensor], shape: torch.Size, multiplier: float, where: str) -> Callable[[], torch.Tensor]:
-    return lambda: _delta(factors, shape, where) * multiplier
+def _scaled_delta(factors: dict[str, torch.Tensor], shape: torch.Size, multiplier: float, where: str) -> Callable[[torch.device], torch.Tensor]:
+    return lambda device: _delta(factors, shape, where, device) * multiplier
 
 
 def applied_loras(model: torch.nn.Module) -> list[LoraHandle]:
