@@ -31,7 +31,7 @@ setup(
     package_data={
         "ldm.modules.encoders": ["bpe_simple_vocab_16e6.txt.gz"],
         "microbatch.configs": ["*.yaml", "*/*.yaml"],
-        "microbatch": ["assets/*"],
+        "microbatch": ["assets/*", "assets/*/*"],
     },
     install_requires=[
         # Install the CUDA build of torch for your platform first on a GPU machine; any 2.1+ works.
