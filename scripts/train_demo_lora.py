@@ -60,7 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     summary = train_concept(settings)
-    summary_path = settings.out / "demo-concept-summary.json"
+    from microbatch.demo.concept import DEFAULT_OUT, SHIPPED_DIR
+
+    # the summary never lands among the shipped files (package data)
+    folder = DEFAULT_OUT if settings.out.resolve() == SHIPPED_DIR.resolve() else settings.out
+    folder.mkdir(parents=True, exist_ok=True)
+    summary_path = folder / "demo-concept-summary.json"
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     for part in ("lora", "embedding"):
         if part in summary:

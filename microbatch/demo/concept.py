@@ -223,7 +223,7 @@ def train_lora(model: nn.Module, concept: dict, replay: dict, contexts: torch.Te
     n_concept = settings.lora_batch - n_replay
     offset, empty = len(shape_combinations(CONCEPT_SHAPE)), contexts.shape[0] - 1
     network.attach()
-    start, running, count = time.perf_counter(), 0.0, 0
+    start, running, count, last_loss = time.perf_counter(), 0.0, 0, float("nan")
     try:
         for step in range(settings.lora_steps):
             for group in opt.param_groups:
@@ -242,10 +242,10 @@ def train_lora(model: nn.Module, concept: dict, replay: dict, contexts: torch.Te
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.lora_steps:
                 elapsed = time.perf_counter() - start
                 logger.info("lora step %d/%d  loss %.4f  lr %.2e  %.2f s/step", step + 1, settings.lora_steps, running / count, opt.param_groups[0]["lr"], elapsed / (step + 1))
-                running, count = 0.0, 0
+                last_loss, running, count = running / count, 0.0, 0
     finally:
         network.detach()
-    return network, {"seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in params)}
+    return network, {"seconds": time.perf_counter() - start, "parameters": sum(p.numel() for p in params), "final_loss": last_loss}
 
 
 def save_lora(network: LoraNetwork, path: Path, settings: ConceptSettings) -> None:
@@ -301,7 +301,7 @@ def train_embedding(model: nn.Module, concept: dict, settings: ConceptSettings) 
     generator = torch.Generator().manual_seed(settings.seed + 2)
     opt = torch.optim.AdamW([vectors], lr=settings.ti_lr, weight_decay=0.0)
     handle = embedding.register_forward_hook(put_vectors)
-    start, running, count = time.perf_counter(), 0.0, 0
+    start, running, count, last_loss = time.perf_counter(), 0.0, 0, float("nan")
     try:
         for step in range(settings.ti_steps):
             for group in opt.param_groups:
@@ -316,10 +316,10 @@ def train_embedding(model: nn.Module, concept: dict, settings: ConceptSettings) 
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.ti_steps:
                 elapsed = time.perf_counter() - start
                 logger.info("embedding step %d/%d  loss %.4f  lr %.2e  %.2f s/step", step + 1, settings.ti_steps, running / count, opt.param_groups[0]["lr"], elapsed / (step + 1))
-                running, count = 0.0, 0
+                last_loss, running, count = running / count, 0.0, 0
     finally:
         handle.remove()
-    return vectors.detach().clone(), {"seconds": time.perf_counter() - start, "vectors": settings.ti_vectors}
+    return vectors.detach().clone(), {"seconds": time.perf_counter() - start, "vectors": settings.ti_vectors, "final_loss": last_loss}
 
 
 def save_embedding(vectors: torch.Tensor, path: Path, settings: ConceptSettings) -> None:
