@@ -31,7 +31,7 @@ setup(
     package_data={
         "ldm.modules.encoders": ["bpe_simple_vocab_16e6.txt.gz"],
         "microbatch.configs": ["*.yaml", "*/*.yaml"],
-        "microbatch": ["assets/*"],
+        "microbatch": ["assets/*", "assets/*/*"],
         "microbatch.server": ["static/*"],  # the web page at /
     },
     install_requires=[

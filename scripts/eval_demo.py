@@ -6,6 +6,12 @@ microbatch.demo.analyze, and prints a table per sampler: the fraction of images 
 all three match the prompt. Also an img2img check: a rendered red circle on white, turned into "a blue circle on
 a white background" at strength 0.8, must come out blue. Writes table.md, results.json and one grid per sampler
 to --outdir.
+
+--concept adds the shape the model was not trained on (a cross, see microbatch.demo.concept), per sampler: its 18
+prompts "a {color} cross on a {background} background" without and with the demo LoRA (--concept_lora, weight
+--lora_weight), "a {color} demo-cross on a {background} background" without and with the demo embedding
+(--concept_embedding), and the 54 old prompts with the LoRA merged (the harm it does). Rows "concept: ..." in the
+table, "concept" in results.json, grids concept-*.png. --concept_only skips the old table and the img2img check.
 """
 import argparse
 import json
@@ -23,13 +29,14 @@ import torch  # noqa: E402
 
 from microbatch.pipeline import default_scale  # noqa: E402
 from microbatch.demo.analyze import analyze, score  # noqa: E402
-from microbatch.demo.shapes import BACKGROUNDS, COLORS, SHAPES, all_combinations, caption, render  # noqa: E402
+from microbatch.demo.shapes import BACKGROUNDS, COLORS, SHAPES, all_combinations, caption, render, shape_combinations  # noqa: E402
 from microbatch.devices import choose_dtypes, parse_device  # noqa: E402
 from microbatch.engine import Engine, ImageJob, SamplingSettings  # noqa: E402
 from microbatch.images import to_uint8  # noqa: E402
 from microbatch.loading import LoadedModel, demo_checkpoint, load_model  # noqa: E402
 
 KEYS = ("color", "shape", "background", "all")
+CONCEPT_ROWS = ("cross, no LoRA", "cross, LoRA", "demo-cross, no embedding", "demo-cross, embedding", "old prompts, LoRA")
 IMG2IMG_PROMPT = "a blue circle on a white background"
 
 
@@ -72,13 +79,15 @@ def settings_for(sampler: str, steps: int, guidance_scale: float, size: int = 64
     return SamplingSettings(sampler=sampler, steps=steps, guidance_scale=guidance_scale, height=size, width=size, max_batch_size=batch, strength=strength)
 
 
-def adherence(loaded: LoadedModel, labels: Sequence[tuple[str, str, str]], seeds: Sequence[int], settings: SamplingSettings) -> tuple[dict[str, float], list[np.ndarray]]:
+def adherence(loaded: LoadedModel, labels: Sequence[tuple[str, str, str]], seeds: Sequence[int], settings: SamplingSettings, word: Optional[str] = None) -> tuple[dict[str, float], list[np.ndarray]]:
     """Fraction of images matching the prompt per attribute (KEYS), over every label x seed; and the images
-    (seed-major). Image of label i and seed s uses seed 1000 * s + i."""
+    (seed-major). Image of label i and seed s uses seed 1000 * s + i. `word`: written in the prompt in place of
+    the shape's name (the embedding's name for the concept)."""
     prompts, job_seeds, expected = [], [], []
     for s in seeds:
         for i, label in enumerate(labels):
-            prompts.append(caption(*label))
+            text = caption(*label)
+            prompts.append(text if word is None else text.replace(f" {label[1]} ", f" {word} "))
             job_seeds.append(1000 * s + i)
             expected.append(label)
     images = generate(loaded, prompts, job_seeds, settings)
@@ -97,6 +106,34 @@ def img2img_blue(loaded: LoadedModel, seeds: Sequence[int], sampler: str = "ddim
     return [analyze(img).color for img in images]
 
 
+def concept_adherence(loaded: LoadedModel, seeds: Sequence[int], settings: SamplingSettings, lora: Path, embedding: Path, lora_weight: float = 1.0) -> tuple[dict[str, dict[str, float]], dict[str, list[np.ndarray]]]:
+    """The CONCEPT_ROWS for one sampler setting: adherence and images per row. The LoRA is merged for its rows and
+    removed after (the weights are the original bits again); the embedding is loaded for its row and dropped after."""
+    from microbatch.demo.concept import CONCEPT_SHAPE, NAME
+    from microbatch.embeddings import load_embeddings, text_encoder
+    from microbatch.lora import apply_lora
+
+    labels = shape_combinations(CONCEPT_SHAPE)
+    results: dict[str, dict[str, float]] = {}
+    images: dict[str, list[np.ndarray]] = {}
+    results["cross, no LoRA"], images["cross, no LoRA"] = adherence(loaded, labels, seeds, settings)
+    results["demo-cross, no embedding"], images["demo-cross, no embedding"] = adherence(loaded, labels, seeds, settings, word=NAME)
+    handle = apply_lora(loaded.model, lora, weight=lora_weight)
+    try:
+        results["cross, LoRA"], images["cross, LoRA"] = adherence(loaded, labels, seeds, settings)
+        results["old prompts, LoRA"], images["old prompts, LoRA"] = adherence(loaded, all_combinations(), seeds, settings)
+    finally:
+        handle.remove()
+    table = text_encoder(loaded.model).embeddings()
+    if load_embeddings(loaded.model, embedding) != [NAME]:
+        raise ValueError(f"{embedding} is not the {NAME} embedding (its file stem must be {NAME})")
+    try:
+        results["demo-cross, embedding"], images["demo-cross, embedding"] = adherence(loaded, labels, seeds, settings, word=NAME)
+    finally:
+        table.remove(NAME)
+    return {row: results[row] for row in CONCEPT_ROWS}, {row: images[row] for row in CONCEPT_ROWS}
+
+
 def grid(images: Sequence[np.ndarray], columns: int) -> np.ndarray:
     """Images [H, W, 3] tiled row-major with a 2-pixel white gutter."""
     h, w = images[0].shape[:2]
@@ -108,8 +145,10 @@ def grid(images: Sequence[np.ndarray], columns: int) -> np.ndarray:
     return out
 
 
-def markdown_table(results: dict[str, dict[str, float]], n_images: int) -> str:
-    lines = [f"| sampler ({n_images} images) | color | shape | background | all three |", "|---|---|---|---|---|"]
+def markdown_table(results: dict[str, dict[str, float]], n_images: Optional[int]) -> str:
+    """One row per entry; `n_images` in the header when every row has that many (else the rows say)."""
+    header = "sampler" if n_images is None else f"sampler ({n_images} images)"
+    lines = [f"| {header} | color | shape | background | all three |", "|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + " |")
     return "\n".join(lines)
@@ -126,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--img2img_seeds", type=int, default=8, help="seeds of the red -> blue img2img check (0: skip)")
+    p.add_argument("--concept", action="store_true", help="also measure the shape the model was not trained on (a cross): without and with the demo LoRA and embedding, and the old prompts with the LoRA")
+    p.add_argument("--concept_only", action="store_true", help="--concept without the old table and the img2img check")
+    p.add_argument("--concept_lora", type=Path, default=None, help="LoRA of the concept (default: the shipped microbatch/assets/lora/demo-cross.safetensors)")
+    p.add_argument("--concept_embedding", type=Path, default=None, help="embedding of the concept, named demo-cross (default: the shipped microbatch/assets/embeddings/demo-cross.pt)")
+    p.add_argument("--lora_weight", type=float, default=1.0, help="the concept LoRA's weight")
     p.add_argument("--outdir", type=Path, default=Path("outputs/eval-demo"))
     p.add_argument("--setting", type=str, action="append", default=[], metavar="FIELD=VALUE", help="set a SamplingSettings field for the adherence runs, VALUE a Python literal (repeatable): --setting tome=0.5 --setting deepcache=3 --setting 'guidance_interval=(0.28, 5.42)'")
     return p
@@ -159,6 +203,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seeds < 1 or args.steps < 1:
         print(f"error: --seeds and --steps must be positive, got {args.seeds} and {args.steps}", file=sys.stderr)
         return 2
+    args.concept = args.concept or args.concept_only
+    if args.concept:
+        from microbatch.demo.concept import SHIPPED_DIR, embedding_path, lora_path
+
+        args.concept_lora = args.concept_lora or lora_path(SHIPPED_DIR)
+        args.concept_embedding = args.concept_embedding or embedding_path(SHIPPED_DIR)
+        for flag, path in (("--concept_lora", args.concept_lora), ("--concept_embedding", args.concept_embedding)):
+            if not path.is_file():
+                print(f"error: {flag} {path} not found (train it with scripts/train_demo_lora.py)", file=sys.stderr)
+                return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -175,16 +229,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for scale in scales:
         for sampler in args.samplers.split(","):
+            if args.concept_only:
+                break
             start = time.perf_counter()
             name = f"{sampler} {args.steps} steps, scale {scale:g}"
             results[name], images = adherence(loaded, labels, seeds, replace(settings_for(sampler, args.steps, scale), **extra))
             r = results[name]
             print(f"{name}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             Image.fromarray(grid(images[: len(labels)], columns=9)).save(args.outdir / f"grid-{sampler}-{scale:g}.png")
-    table = markdown_table(results, len(labels) * len(seeds))
-    print(table)
+    table = markdown_table(results, len(labels) * len(seeds)) if results else ""
     summary: dict = {"checkpoint": str(loaded.ckpt), "precision": args.precision, "seeds": seeds, "settings": extra, "adherence": results}
-    if args.img2img_seeds > 0:
+    if args.concept:
+        concept: dict[str, dict[str, float]] = {}
+        for scale in scales:
+            for sampler in args.samplers.split(","):
+                start = time.perf_counter()
+                name = f"{sampler} {args.steps} steps, scale {scale:g}"
+                try:
+                    rows, images = concept_adherence(loaded, seeds, settings_for(sampler, args.steps, scale), args.concept_lora, args.concept_embedding, args.lora_weight)
+                except ValueError as e:  # a LoRA or embedding file that cannot be used
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                for row, r in rows.items():
+                    n = len(images[row])
+                    concept[f"concept: {row} ({n} images), {name}"] = r
+                    print(f"concept: {row}, {name}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS), flush=True)
+                    columns = 9 if row.startswith("old") else 6
+                    Image.fromarray(grid(images[row][: 54 if row.startswith("old") else 18], columns)).save(args.outdir / f"concept-{row.replace(', ', '-').replace(' ', '_')}-{sampler}-{scale:g}.png")
+                print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+        summary["concept"] = {"lora": str(args.concept_lora), "lora_weight": args.lora_weight, "embedding": str(args.concept_embedding), "adherence": concept}
+        table = (table + "\n\n" if table else "") + markdown_table(concept, None)
+    print(table)
+    if args.img2img_seeds > 0 and not args.concept_only:
         i2i_scale = default_scale(loaded, "img2img")
         summary["img2img_blue"] = {}
         for sampler in args.samplers.split(","):

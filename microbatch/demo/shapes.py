@@ -9,14 +9,20 @@ keeps the colour's hue, which is what `microbatch.demo.analyze` reads.
 Geometry, in pixel units (pixel i covers [i, i+1), so the image spans [0, size]):
 - square: axis-aligned, [cx - h, cx + h] x [cy - h, cy + h];
 - circle: radius h around (cx, cy);
-- triangle: apex up at (cx, cy - h), base corners (cx -/+ h, cy + h): inscribed in the square's box.
+- triangle: apex up at (cx, cy - h), base corners (cx -/+ h, cy + h): inscribed in the square's box;
+- cross (an upright plus sign): the union of the bars [cx - h, cx + h] x [cy - h/3, cy + h/3] and
+  [cx - h/3, cx + h/3] x [cy - h, cy + h], each arm as wide as the box's middle third.
+
+The demo model is trained on SHAPES only. "cross" (EXTRA_SHAPES) is the concept it does not know, taught to it by
+the LoRA and the textual-inversion embedding of `microbatch.demo.concept`; the data of SHAPES (make_dataset with its
+default `shapes`, all_combinations) is what it always was.
 """
 from __future__ import annotations
 
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,7 +35,9 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
     "purple": (140, 40, 190),
     "orange": (245, 130, 20),
 }
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: Tuple[str, ...] = ("circle", "square", "triangle")  # what the demo model is trained on
+EXTRA_SHAPES: Tuple[str, ...] = ("cross",)  # drawn and analysed, never in the base model's data
+ALL_SHAPES: Tuple[str, ...] = SHAPES + EXTRA_SHAPES
 BACKGROUNDS: Dict[str, int] = {"white": 255, "black": 0, "gray": 128}
 
 # Half-size range as a fraction of the image side (the prototype's figures, see the demo-model notes).
@@ -60,15 +68,21 @@ def caption(color: str, shape: str, background: str) -> str:
 
 
 def all_combinations() -> List[Label]:
-    """All 6 * 3 * 3 = 54 (color, shape, background) triples, in a fixed order."""
+    """All 6 * 3 * 3 = 54 (color, shape, background) triples of the base model's data, in a fixed order."""
     return list(itertools.product(COLORS, SHAPES, BACKGROUNDS))
+
+
+def shape_combinations(shape: str) -> List[Label]:
+    """The 6 * 3 = 18 (color, shape, background) triples of one shape (of ALL_SHAPES), in a fixed order."""
+    _check_label(next(iter(COLORS)), shape, next(iter(BACKGROUNDS)))
+    return list(itertools.product(COLORS, (shape,), BACKGROUNDS))
 
 
 def _check_label(color: str, shape: str, background: str) -> None:
     if color not in COLORS:
         raise ValueError(f"unknown color {color!r}; expected one of {list(COLORS)}")
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
+    if shape not in ALL_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {list(ALL_SHAPES)}")
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; expected one of {list(BACKGROUNDS)}")
 
@@ -83,8 +97,8 @@ def shape_alpha(
     the exact one; PIL's ImageDraw includes both end pixels of a span, which inflates every shape by one
     sample along its outline (about 2% of the area at 4x).
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
+    if shape not in ALL_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {list(ALL_SHAPES)}")
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
     cx, cy = center
@@ -102,6 +116,9 @@ def shape_alpha(
         inside = dx * dx + dy * dy < h * h
     elif shape == "square":
         inside = (np.abs(dx) < h) & (np.abs(dy) < h)
+    elif shape == "cross":
+        horizontal = (np.abs(dx) < h) & (np.abs(dy) < h / 3)
+        inside = horizontal | ((np.abs(dx) < h / 3) & (np.abs(dy) < h))
     else:
         # Apex (0, -h), base from (-h, h) to (h, h): the half-width grows from 0 to h over the height 2h.
         inside = (dy >= -h) & (dy < h) & (np.abs(dx) < (dy + h) / 2)
@@ -142,11 +159,11 @@ def render(
     return np.rint(image).astype(np.uint8)
 
 
-def sample_params(rng: np.random.Generator, size: int) -> ShapeParams:
-    """Uniform color, shape and background; half-size uniform in HALF_SIZE_RANGE * size; centre uniform such that
-    the shape's bounding box lies fully inside the image."""
+def sample_params(rng: np.random.Generator, size: int, shapes: Sequence[str] = SHAPES) -> ShapeParams:
+    """Uniform color, shape (of `shapes`) and background; half-size uniform in HALF_SIZE_RANGE * size; centre
+    uniform such that the shape's bounding box lies fully inside the image."""
     color = list(COLORS)[rng.integers(len(COLORS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    shape = shapes[rng.integers(len(shapes))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     half_size = float(rng.uniform(HALF_SIZE_RANGE[0] * size, HALF_SIZE_RANGE[1] * size))
     cx, cy = rng.uniform(half_size, size - half_size, size=2)
@@ -154,21 +171,25 @@ def sample_params(rng: np.random.Generator, size: int) -> ShapeParams:
 
 
 def make_dataset(
-    n: int, seed: int, size: int = 64, supersample: int = 4
+    n: int, seed: int, size: int = 64, supersample: int = 4, shapes: Sequence[str] = SHAPES
 ) -> Tuple[np.ndarray, List[str], List[Label]]:
-    """`n` random samples, a pure function of `seed` (np.random.default_rng(seed)).
+    """`n` random samples of `shapes` (default: the base model's), a pure function of `seed`
+    (np.random.default_rng(seed)).
 
     Returns images uint8 [n, size, size, 3], captions (list of n str) and labels (list of n
     (color, shape, background) triples).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    unknown = [s for s in shapes if s not in ALL_SHAPES]
+    if not shapes or unknown:
+        raise ValueError(f"shapes must be some of {list(ALL_SHAPES)}, got {list(shapes)}")
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     captions: List[str] = []
     labels: List[Label] = []
     for i in range(n):
-        p = sample_params(rng, size)
+        p = sample_params(rng, size, shapes)
         images[i] = render(p.color, p.shape, p.background, size, p.center, p.half_size, supersample)
         captions.append(caption(*p.label))
         labels.append(p.label)
