@@ -13,9 +13,9 @@ Geometry, in pixel units (pixel i covers [i, i+1), so the image spans [0, size])
 - cross (an upright plus sign): the union of the bars [cx - h, cx + h] x [cy - h/3, cy + h/3] and
   [cx - h/3, cx + h/3] x [cy - h, cy + h], each arm as wide as the box's middle third.
 
-The demo model is trained on SHAPES only. "cross" (EXTRA_SHAPES) is the concept it does not know, taught to it by
-the LoRA and the textual-inversion embedding of `microbatch.demo.concept`; the data of SHAPES (make_dataset with its
-default `shapes`, all_combinations) is what it always was.
+The demo model is trained on SHAPES only. "cross" (EXTRA_SHAPES) is the shape it does not know, taught to it by the
+LoRA of `microbatch.demo.concept` (whose embedding teaches a new word for red, trained on make_dataset's `colors`);
+the data of SHAPES (make_dataset with its default `shapes` and `colors`, all_combinations) is what it always was.
 """
 from __future__ import annotations
 
@@ -159,10 +159,12 @@ def render(
     return np.rint(image).astype(np.uint8)
 
 
-def sample_params(rng: np.random.Generator, size: int, shapes: Sequence[str] = SHAPES) -> ShapeParams:
-    """Uniform color, shape (of `shapes`) and background; half-size uniform in HALF_SIZE_RANGE * size; centre
-    uniform such that the shape's bounding box lies fully inside the image."""
-    color = list(COLORS)[rng.integers(len(COLORS))]
+def sample_params(rng: np.random.Generator, size: int, shapes: Sequence[str] = SHAPES, colors: Optional[Sequence[str]] = None) -> ShapeParams:
+    """Uniform color (of `colors`, default all), shape (of `shapes`) and background; half-size uniform in
+    HALF_SIZE_RANGE * size; centre uniform such that the shape's bounding box lies fully inside the image. The
+    defaults draw exactly what they always drew."""
+    colors = list(COLORS) if colors is None else list(colors)
+    color = colors[rng.integers(len(colors))]
     shape = shapes[rng.integers(len(shapes))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     half_size = float(rng.uniform(HALF_SIZE_RANGE[0] * size, HALF_SIZE_RANGE[1] * size))
@@ -171,10 +173,10 @@ def sample_params(rng: np.random.Generator, size: int, shapes: Sequence[str] = S
 
 
 def make_dataset(
-    n: int, seed: int, size: int = 64, supersample: int = 4, shapes: Sequence[str] = SHAPES
+    n: int, seed: int, size: int = 64, supersample: int = 4, shapes: Sequence[str] = SHAPES, colors: Optional[Sequence[str]] = None
 ) -> Tuple[np.ndarray, List[str], List[Label]]:
-    """`n` random samples of `shapes` (default: the base model's), a pure function of `seed`
-    (np.random.default_rng(seed)).
+    """`n` random samples of `shapes` (default: the base model's) in `colors` (default: all), a pure function of
+    `seed` (np.random.default_rng(seed)).
 
     Returns images uint8 [n, size, size, 3], captions (list of n str) and labels (list of n
     (color, shape, background) triples).
@@ -184,12 +186,14 @@ def make_dataset(
     unknown = [s for s in shapes if s not in ALL_SHAPES]
     if not shapes or unknown:
         raise ValueError(f"shapes must be some of {list(ALL_SHAPES)}, got {list(shapes)}")
+    if colors is not None and (not colors or any(c not in COLORS for c in colors)):
+        raise ValueError(f"colors must be some of {list(COLORS)}, got {list(colors)}")
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     captions: List[str] = []
     labels: List[Label] = []
     for i in range(n):
-        p = sample_params(rng, size, shapes)
+        p = sample_params(rng, size, shapes, colors)
         images[i] = render(p.color, p.shape, p.background, size, p.center, p.half_size, supersample)
         captions.append(caption(*p.label))
         labels.append(p.label)
