@@ -1,12 +1,13 @@
-"""Teach the demo model a shape it does not know (a cross): a small LoRA and a textual-inversion embedding, on CPU.
+"""Teach the demo model what it does not know, on CPU: a shape (a cross) by a small LoRA, a new colour word
+(demo-scarlet, the data's red) by a textual-inversion embedding.
 
-    python scripts/train_demo_lora.py                 # writes outputs/demo-concept/{lora,embeddings}/demo-cross.*
-    python scripts/train_demo_lora.py --out microbatch/assets --replace_shipped   # the shipped files
+    python scripts/train_demo_lora.py       # outputs/demo-concept/lora/demo-cross.safetensors, embeddings/demo-scarlet.pt
+    python scripts/train_demo_lora.py --which embedding --out microbatch/assets --replace_shipped   # the shipped embedding
 
 The LoRA (kohya format, UNet LoCon, float16) teaches the word "cross": "a red cross on a white background
-<lora:demo-cross:1>". The embedding (the web UI's .pt format) teaches the new word "demo-cross" with the model
-frozen: "a red demo-cross on a white background". How they were trained: microbatch/demo/concept.py; how well they
-work: python scripts/eval_demo.py --concept_only.
+<lora:demo-cross:1>". The embedding (the web UI's .pt format) teaches the new word "demo-scarlet" with the model
+frozen: "a demo-scarlet circle on a white background" draws a red circle. How they were trained:
+microbatch/demo/concept.py; how well they work: python scripts/eval_demo.py --concept_only.
 """
 import argparse
 import json
@@ -25,14 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = ConceptSettings.__dataclass_fields__
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=None, help="base model (default: the shipped demo model)")
-    p.add_argument("--out", type=Path, default=d["out"].default, help="folder for lora/demo-cross.safetensors and embeddings/demo-cross.pt")
+    p.add_argument("--out", type=Path, default=d["out"].default, help="folder for lora/demo-cross.safetensors and embeddings/demo-scarlet.pt")
     p.add_argument("--replace_shipped", action="store_true", help="allow --out to be microbatch/assets, overwriting the shipped files")
-    p.add_argument("--which", choices=WHICH, default=d["which"].default, help="what to train")
+    p.add_argument("--which", choices=WHICH, default=d["which"].default, help="what to train (--which embedding: only the embedding, the LoRA file untouched)")
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--threads", type=int, default=d["threads"].default, help="torch CPU threads")
     for name, help_text in (
         ("n_concept", "cross images encoded once"),
         ("n_replay", "base-model images encoded once for the LoRA's replay"),
+        ("n_embedding", "red shapes encoded once for the embedding"),
         ("lora_steps", None), ("lora_batch", None), ("lora_lr", None), ("lora_rank", None), ("lora_alpha", None),
         ("replay_fraction", "share of each LoRA batch from the base model's data"),
         ("uncond_prob", "share of LoRA captions replaced by the empty prompt"),

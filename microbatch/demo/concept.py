@@ -1,20 +1,25 @@
-"""Teaching the demo model a shape it does not know ("cross"): a kohya LoRA and a textual-inversion embedding.
+"""Teaching the demo model what it does not know: a new shape (a cross) by a kohya LoRA, a new word for a colour
+(`demo-scarlet`, the data's red) by a textual-inversion embedding.
 
-The demo model (`microbatch/assets/demo-shapes.safetensors`) was trained on circles, squares and triangles only;
-`microbatch.demo.shapes` also draws a cross (EXTRA_SHAPES) and `microbatch.demo.analyze` recognises one. Two small
-files teach it the new shape, each trained on freshly rendered crosses encoded by the model's own autoencoder,
-with the SD epsilon loss at uniform timesteps (as the base model was trained, see `microbatch.demo.train`):
+The demo model (`microbatch/assets/demo-shapes.safetensors`) was trained on circles, squares and triangles only, with
+captions "a {color} {shape} on a {background} background"; `microbatch.demo.shapes` also draws a cross (EXTRA_SHAPES)
+and `microbatch.demo.analyze` recognises one. Each file is trained on freshly rendered images encoded by the model's
+own autoencoder, with the SD epsilon loss at uniform timesteps (as the base model was trained, see
+`microbatch.demo.train`):
 
-- a LoRA (LoCon: every Linear and Conv2d of the UNet but the timestep embedding, rank `lora_rank`), trained on
-  "a {color} cross on a {background} background" mixed with a replay of the base model's own data and captions
-  (`replay_fraction` of each batch; 10% of all captions empty, as in the base training) so that the old prompts keep
-  working. The text encoder stays untouched. Saved in the kohya format the web UI and `microbatch.lora` read:
-  `lora_unet_{layer}.lora_down.weight` / `.lora_up.weight` / `.alpha`, float16, with the layer named by its ldm
+- a LoRA `demo-cross` (LoCon: every Linear and Conv2d of the UNet but the timestep embedding, rank `lora_rank`),
+  trained on "a {color} cross on a {background} background" mixed with a replay of the base model's own data and
+  captions (`replay_fraction` of each batch; 10% of all captions empty, as in the base training) so that the old
+  prompts keep working. The text encoder stays untouched. Saved in the kohya format the web UI and `microbatch.lora`
+  read: `lora_unet_{layer}.lora_down.weight` / `.lora_up.weight` / `.alpha`, float16, with the layer named by its ldm
   module path (`lora_unet_input_blocks_1_1_proj_in`), the form the web UI maps for any UNet layout (its diffusers
   name table assumes SD's two residual blocks per level; this UNet has one).
-- a textual-inversion embedding `demo-cross` (`ti_vectors` vectors of the text encoder's width, 64 here), with the
-  whole model frozen, trained on "a {color} demo-cross on a {background} background" only; saved in the web UI's
-  `.pt` format (`string_to_param: {"*": [n, 64]}`, with `name`, `step`, `sd_checkpoint_name`).
+- a textual-inversion embedding `demo-scarlet` (`ti_vectors` vectors of the text encoder's width, 64 here), with the
+  whole model frozen, trained on red circles, squares and triangles captioned "a demo-scarlet {shape} on a
+  {background} background"; saved in the web UI's `.pt` format (`string_to_param: {"*": [n, 64]}`, with `name`,
+  `step`, `sd_checkpoint_name`). A frozen model can only be steered among what it already draws, so an embedding
+  names something it can render (a colour) and cannot teach it a shape: an embedding trained the same way on crosses
+  ("a {color} demo-cross ...") drew none (0% in scripts/eval_demo.py, README "A shape the demo model does not know").
 
 Both are trained in float32 against the shipped float16 weights; the files store float16 (LoRA) and float32
 (embedding, as the web UI writes). Randomness comes from `seed` only.
@@ -39,27 +44,39 @@ from microbatch.demo.train import REPO_ROOT, SHIPPED_DIR, cosine_lr, save_tensor
 
 logger = logging.getLogger(__name__)
 
-CONCEPT_SHAPE = "cross"
-NAME = "demo-cross"  # the LoRA's and the embedding's file stem (the LoRA tag and the prompt word)
+CONCEPT_SHAPE = "cross"  # the LoRA's new shape
+LORA_NAME = "demo-cross"  # the LoRA's file stem (its <lora:...> tag)
+EMBEDDING_COLOR = "red"  # what the embedding's new word means
+EMBEDDING_NAME = "demo-scarlet"  # the embedding's file stem: the new word in prompts
 LORA_SUBDIR, EMBEDDING_SUBDIR = "lora", "embeddings"
 DEFAULT_OUT = REPO_ROOT / "outputs" / "demo-concept"
 # Seed offsets keep these data streams apart from each other and from the base model's.
-_CONCEPT_DATA, _REPLAY_DATA = 5_000_000, 6_000_000
+_CONCEPT_DATA, _REPLAY_DATA, _EMBEDDING_DATA = 5_000_000, 6_000_000, 7_000_000
 Which = Literal["both", "lora", "embedding"]
 WHICH: tuple[str, ...] = get_args(Which)
 
 
 def lora_path(folder: Path) -> Path:
-    return Path(folder) / LORA_SUBDIR / f"{NAME}.safetensors"
+    return Path(folder) / LORA_SUBDIR / f"{LORA_NAME}.safetensors"
 
 
 def embedding_path(folder: Path) -> Path:
-    return Path(folder) / EMBEDDING_SUBDIR / f"{NAME}.pt"
+    return Path(folder) / EMBEDDING_SUBDIR / f"{EMBEDDING_NAME}.pt"
 
 
 def concept_prompt(color: str, background: str, word: str = CONCEPT_SHAPE) -> str:
-    """The caption of a cross, with `word` for the shape: "cross" (the LoRA's word) or NAME (the embedding's)."""
+    """The caption of a cross, with `word` for the shape ("cross", the LoRA's word)."""
     return caption(color, CONCEPT_SHAPE, background).replace(f" {CONCEPT_SHAPE} ", f" {word} ")
+
+
+def embedding_labels() -> list[tuple[str, str, str]]:
+    """The 3 * 3 = 9 (EMBEDDING_COLOR, shape, background) triples the embedding's word is trained and measured on."""
+    return [label for label in all_combinations() if label[0] == EMBEDDING_COLOR]
+
+
+def embedding_prompt(shape: str, background: str, word: str = EMBEDDING_NAME) -> str:
+    """The caption of a red shape with `word` in the colour slot: "a demo-scarlet circle on a white background"."""
+    return caption(EMBEDDING_COLOR, shape, background).replace(f" {EMBEDDING_COLOR} ", f" {word} ", 1)
 
 
 @dataclass
@@ -67,12 +84,13 @@ class ConceptSettings:
     """Everything that decides the two files. Sized for a few minutes on a 2-core CPU."""
 
     ckpt: Optional[Path] = None  # the base model (default: the shipped demo model)
-    out: Path = DEFAULT_OUT  # writes out/lora/demo-cross.safetensors and out/embeddings/demo-cross.pt
+    out: Path = DEFAULT_OUT  # writes out/lora/demo-cross.safetensors and out/embeddings/demo-scarlet.pt
     which: Which = "both"
     seed: int = 0
     threads: int = 2
     n_concept: int = 1024  # crosses encoded once (posterior mean and std), a fresh posterior sample every step
     n_replay: int = 1024  # base-model images for the LoRA's replay
+    n_embedding: int = 512  # red shapes (of the base data) encoded once for the embedding
     # LoRA
     lora_steps: int = 600
     lora_batch: int = 32
@@ -82,11 +100,11 @@ class ConceptSettings:
     replay_fraction: float = 0.5
     uncond_prob: float = 0.1
     # embedding
-    ti_steps: int = 300
+    ti_steps: int = 150
     ti_batch: int = 32
     ti_lr: float = 1e-2
-    ti_vectors: int = 2
-    ti_init: str = "square"  # the vectors start as this word's token embedding (repeated)
+    ti_vectors: int = 1  # the colour slot is one token ("red") in every caption the UNet learned: one vector keeps the words after it where they were
+    ti_init: str = "*"  # the vectors start as this word's token embedding (repeated); the web UI's default
     warmup_steps: int = 20
     log_every: int = 50
     replace_shipped: bool = False  # allow `out` to be microbatch/assets
@@ -97,7 +115,7 @@ class ConceptSettings:
             raise ValueError(f"--out {self.out} holds the shipped demo files; pass --replace_shipped to overwrite them")
         if self.which not in WHICH:
             raise ValueError(f"which must be one of {', '.join(WHICH)}, got {self.which!r}")
-        for name in ("threads", "n_concept", "n_replay", "lora_batch", "lora_rank", "ti_batch", "ti_vectors", "log_every"):
+        for name in ("threads", "n_concept", "n_replay", "n_embedding", "lora_batch", "lora_rank", "ti_batch", "ti_vectors", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lora_steps", "ti_steps", "warmup_steps"):
@@ -128,14 +146,14 @@ def load_base(ckpt: Optional[Path]) -> nn.Module:
     return model
 
 
-def encode_images(model: nn.Module, n: int, seed: int, shapes: tuple[str, ...], labels: list, chunk: int = 256) -> dict[str, torch.Tensor]:
-    """n rendered images of `shapes` -> posterior mean and std [n, 4, 8, 8] (unscaled) and each image's index
-    into `labels`."""
+def encode_images(model: nn.Module, n: int, seed: int, shapes: tuple[str, ...], labels: list, chunk: int = 256, colors: Optional[tuple[str, ...]] = None) -> dict[str, torch.Tensor]:
+    """n rendered images of `shapes` (in `colors`, default all) -> posterior mean and std [n, 4, 8, 8] (unscaled)
+    and each image's index into `labels`."""
     index = {label: i for i, label in enumerate(labels)}
     means, stds, ids = [], [], []
     with torch.no_grad():
         for first in range(0, n, chunk):
-            images, _, batch_labels = make_dataset(min(chunk, n - first), seed=seed + first // chunk, shapes=shapes)
+            images, _, batch_labels = make_dataset(min(chunk, n - first), seed=seed + first // chunk, shapes=shapes, colors=colors)
             posterior = model.first_stage_model.encode(to_model_input(images))
             means.append(posterior.mean.clone())
             stds.append(posterior.std.clone())
@@ -255,7 +273,7 @@ def save_lora(network: LoraNetwork, path: Path, settings: ConceptSettings) -> No
         "ss_network_dim": str(network.rank),
         "ss_network_alpha": f"{network.alpha:g}",
         "ss_network_args": json.dumps({"conv_dim": str(network.rank), "conv_alpha": f"{network.alpha:g}"}),
-        "ss_output_name": NAME,
+        "ss_output_name": LORA_NAME,
         "ss_sd_model_name": "demo-shapes",
         "ss_base_model_version": "sd_v1",
         "ss_steps": str(settings.lora_steps),
@@ -267,8 +285,9 @@ def save_lora(network: LoraNetwork, path: Path, settings: ConceptSettings) -> No
 # -- textual inversion ---------------------------------------------------------------------------------------------
 
 
-def train_embedding(model: nn.Module, concept: dict, settings: ConceptSettings) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Train `ti_vectors` vectors [n, C] for the word NAME with the model frozen. Returns them (float32)."""
+def train_embedding(model: nn.Module, data: dict, settings: ConceptSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Train `ti_vectors` vectors [n, C] for the word EMBEDDING_NAME with the model frozen, on `data` (encoded red
+    shapes, label indices into embedding_labels()). Returns them (float32)."""
     from microbatch.embeddings import text_encoder
 
     encoder = text_encoder(model)
@@ -279,13 +298,13 @@ def train_embedding(model: nn.Module, concept: dict, settings: ConceptSettings) 
     if not init_ids:
         raise ValueError(f"ti_init {settings.ti_init!r} has no tokens")
     init = embedding.weight[[init_ids[k % len(init_ids)] for k in range(settings.ti_vectors)]].detach().clone()
-    # The table turns NAME in a caption into placeholder ids, exactly as at inference; the vectors are written
+    # The table turns the name in a caption into placeholder ids, exactly as at inference; the vectors are written
     # into the token-embedding output at those positions by a hook that keeps their gradient.
-    entry = table.add(NAME, tok.encode(NAME), init)
+    entry = table.add(EMBEDDING_NAME, tok.encode(EMBEDDING_NAME), init)
     try:
-        rows = [encoder.tokenize_weighted([[concept_prompt(c, b, NAME), 1.0]]).tokens[0] for c, _, b in shape_combinations(CONCEPT_SHAPE)]
+        rows = [encoder.tokenize_weighted([[embedding_prompt(shape, background), 1.0]]).tokens[0] for _, shape, background in embedding_labels()]
     finally:
-        table.remove(NAME)
+        table.remove(EMBEDDING_NAME)
     tokens = torch.tensor(rows, dtype=torch.long)
     placeholders = tokens >= table.vocab_size
     slots = tokens[placeholders] - entry.ids[0]
@@ -307,7 +326,7 @@ def train_embedding(model: nn.Module, concept: dict, settings: ConceptSettings) 
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, settings.ti_steps, settings.ti_lr, settings.warmup_steps)
             contexts = encoder.encode_chunk_tokens(tokens.masked_fill(placeholders, 0))
-            z, labels = sample_batch(model, concept, settings.ti_batch, generator)
+            z, labels = sample_batch(model, data, settings.ti_batch, generator)
             loss = eps_loss(model, z, contexts[labels], generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -328,7 +347,7 @@ def save_embedding(vectors: torch.Tensor, path: Path, settings: ConceptSettings)
     data = {
         "string_to_token": {"*": 265},
         "string_to_param": {"*": vectors.detach().float().cpu()},
-        "name": NAME,
+        "name": EMBEDDING_NAME,
         "step": settings.ti_steps,
         "sd_checkpoint": None,
         "sd_checkpoint_name": "demo-shapes",
@@ -356,13 +375,12 @@ def _train_concept(settings: ConceptSettings) -> dict[str, Any]:
     total = time.perf_counter()
     summary: dict[str, Any] = {"settings": {k: str(v) for k, v in dataclasses.asdict(settings).items()}}
     model = load_base(settings.ckpt)
-    concept_labels = shape_combinations(CONCEPT_SHAPE)
-    t0 = time.perf_counter()
-    concept = encode_images(model, settings.n_concept, _CONCEPT_DATA + settings.seed * 100_000, (CONCEPT_SHAPE,), concept_labels)
-    summary["encode_seconds"] = time.perf_counter() - t0
-    logger.info("encoded %d %s images in %.0f s", settings.n_concept, CONCEPT_SHAPE, summary["encode_seconds"])
+    summary["encode_seconds"] = 0.0
     if settings.which in ("both", "lora"):
+        concept_labels = shape_combinations(CONCEPT_SHAPE)
         t0 = time.perf_counter()
+        concept = encode_images(model, settings.n_concept, _CONCEPT_DATA + settings.seed * 100_000, (CONCEPT_SHAPE,), concept_labels)
+        logger.info("encoded %d %s images in %.0f s", settings.n_concept, CONCEPT_SHAPE, time.perf_counter() - t0)
         replay = encode_images(model, settings.n_replay, _REPLAY_DATA + settings.seed * 100_000, SHAPES, all_combinations())
         prompts = [caption(*label) for label in concept_labels] + [caption(*label) for label in all_combinations()] + [""]
         with torch.no_grad():
@@ -374,7 +392,11 @@ def _train_concept(settings: ConceptSettings) -> dict[str, Any]:
         summary["lora"].update(path=str(path), kilobytes=path.stat().st_size / 1024)
         logger.info("wrote %s (%.0f KB, %d parameters) in %.0f s", path, summary["lora"]["kilobytes"], summary["lora"]["parameters"], summary["lora"]["seconds"])
     if settings.which in ("both", "embedding"):
-        vectors, summary["embedding"] = train_embedding(model, concept, settings)
+        t0 = time.perf_counter()
+        data = encode_images(model, settings.n_embedding, _EMBEDDING_DATA + settings.seed * 100_000, SHAPES, embedding_labels(), colors=(EMBEDDING_COLOR,))
+        summary["encode_seconds"] += time.perf_counter() - t0
+        logger.info("encoded %d %s shapes in %.0f s", settings.n_embedding, EMBEDDING_COLOR, time.perf_counter() - t0)
+        vectors, summary["embedding"] = train_embedding(model, data, settings)
         path = embedding_path(settings.out)
         save_embedding(vectors, path, settings)
         summary["embedding"].update(path=str(path), kilobytes=path.stat().st_size / 1024)
