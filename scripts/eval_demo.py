@@ -7,11 +7,13 @@ all three match the prompt. Also an img2img check: a rendered red circle on whit
 a white background" at strength 0.8, must come out blue. Writes table.md, results.json and one grid per sampler
 to --outdir.
 
---concept adds the shape the model was not trained on (a cross, see microbatch.demo.concept), per sampler: its 18
+--concept adds what the model was not trained on (see microbatch.demo.concept), per sampler: the shape cross, its 18
 prompts "a {color} cross on a {background} background" without and with the demo LoRA (--concept_lora, weight
---lora_weight), "a {color} demo-cross on a {background} background" without and with the demo embedding
-(--concept_embedding), and the 54 old prompts with the LoRA merged (the harm it does). Rows "concept: ..." in the
-table, "concept" in results.json, grids concept-*.png. --concept_only skips the old table and the img2img check.
+--lora_weight); the word demo-scarlet (the data's red), its 9 prompts "a demo-scarlet {shape} on a {background}
+background" without and with the demo embedding (--concept_embedding), judged against red, and the same 9 with
+"red" (the word the model knows); and the 54 old prompts with the LoRA merged (the harm it does). Rows
+"concept: ..." in the table, "concept" in results.json, grids concept-*.png (the first seed's images).
+--concept_only skips the old table and the img2img check.
 """
 import argparse
 import json
@@ -20,7 +22,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
@@ -36,7 +38,7 @@ from microbatch.images import to_uint8  # noqa: E402
 from microbatch.loading import LoadedModel, demo_checkpoint, load_model  # noqa: E402
 
 KEYS = ("color", "shape", "background", "all")
-CONCEPT_ROWS = ("cross, no LoRA", "cross, LoRA", "demo-cross, no embedding", "demo-cross, embedding", "old prompts, LoRA")
+CONCEPT_ROWS = ("cross, no LoRA", "cross, LoRA", "demo-scarlet, no embedding", "demo-scarlet, embedding", "red, the known word", "old prompts, LoRA")
 IMG2IMG_PROMPT = "a blue circle on a white background"
 
 
@@ -79,15 +81,15 @@ def settings_for(sampler: str, steps: int, guidance_scale: float, size: int = 64
     return SamplingSettings(sampler=sampler, steps=steps, guidance_scale=guidance_scale, height=size, width=size, max_batch_size=batch, strength=strength)
 
 
-def adherence(loaded: LoadedModel, labels: Sequence[tuple[str, str, str]], seeds: Sequence[int], settings: SamplingSettings, word: Optional[str] = None) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Fraction of images matching the prompt per attribute (KEYS), over every label x seed; and the images
-    (seed-major). Image of label i and seed s uses seed 1000 * s + i. `word`: written in the prompt in place of
-    the shape's name (the embedding's name for the concept)."""
+def adherence(loaded: LoadedModel, labels: Sequence[tuple[str, str, str]], seeds: Sequence[int], settings: SamplingSettings, prompt_for: Optional[Callable[[tuple[str, str, str]], str]] = None) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Fraction of images matching the label per attribute (KEYS), over every label x seed; and the images
+    (seed-major). Image of label i and seed s uses seed 1000 * s + i. `prompt_for(label)`: the prompt of a label
+    (default its caption; a new word in a slot for a concept)."""
+    prompt_for = prompt_for or (lambda label: caption(*label))
     prompts, job_seeds, expected = [], [], []
     for s in seeds:
         for i, label in enumerate(labels):
-            text = caption(*label)
-            prompts.append(text if word is None else text.replace(f" {label[1]} ", f" {word} "))
+            prompts.append(prompt_for(label))
             job_seeds.append(1000 * s + i)
             expected.append(label)
     images = generate(loaded, prompts, job_seeds, settings)
@@ -109,15 +111,17 @@ def img2img_blue(loaded: LoadedModel, seeds: Sequence[int], sampler: str = "ddim
 def concept_adherence(loaded: LoadedModel, seeds: Sequence[int], settings: SamplingSettings, lora: Path, embedding: Path, lora_weight: float = 1.0) -> tuple[dict[str, dict[str, float]], dict[str, list[np.ndarray]]]:
     """The CONCEPT_ROWS for one sampler setting: adherence and images per row. The LoRA is merged for its rows and
     removed after (the weights are the original bits again); the embedding is loaded for its row and dropped after."""
-    from microbatch.demo.concept import CONCEPT_SHAPE, NAME
+    from microbatch.demo.concept import CONCEPT_SHAPE, EMBEDDING_NAME, embedding_labels, embedding_prompt
     from microbatch.embeddings import load_embeddings, text_encoder
     from microbatch.lora import apply_lora
 
-    labels = shape_combinations(CONCEPT_SHAPE)
+    labels, word_labels = shape_combinations(CONCEPT_SHAPE), embedding_labels()
+    new_word = lambda label: embedding_prompt(label[1], label[2])  # noqa: E731
     results: dict[str, dict[str, float]] = {}
     images: dict[str, list[np.ndarray]] = {}
     results["cross, no LoRA"], images["cross, no LoRA"] = adherence(loaded, labels, seeds, settings)
-    results["demo-cross, no embedding"], images["demo-cross, no embedding"] = adherence(loaded, labels, seeds, settings, word=NAME)
+    results["demo-scarlet, no embedding"], images["demo-scarlet, no embedding"] = adherence(loaded, word_labels, seeds, settings, new_word)
+    results["red, the known word"], images["red, the known word"] = adherence(loaded, word_labels, seeds, settings)
     handle = apply_lora(loaded.model, lora, weight=lora_weight)
     try:
         results["cross, LoRA"], images["cross, LoRA"] = adherence(loaded, labels, seeds, settings)
@@ -125,12 +129,12 @@ def concept_adherence(loaded: LoadedModel, seeds: Sequence[int], settings: Sampl
     finally:
         handle.remove()
     table = text_encoder(loaded.model).embeddings()
-    if load_embeddings(loaded.model, embedding) != [NAME]:
-        raise ValueError(f"{embedding} is not the {NAME} embedding (its file stem must be {NAME})")
+    if load_embeddings(loaded.model, embedding) != [EMBEDDING_NAME]:
+        raise ValueError(f"{embedding} is not the {EMBEDDING_NAME} embedding (its file stem must be {EMBEDDING_NAME})")
     try:
-        results["demo-cross, embedding"], images["demo-cross, embedding"] = adherence(loaded, labels, seeds, settings, word=NAME)
+        results["demo-scarlet, embedding"], images["demo-scarlet, embedding"] = adherence(loaded, word_labels, seeds, settings, new_word)
     finally:
-        table.remove(NAME)
+        table.remove(EMBEDDING_NAME)
     return {row: results[row] for row in CONCEPT_ROWS}, {row: images[row] for row in CONCEPT_ROWS}
 
 
@@ -165,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--img2img_seeds", type=int, default=8, help="seeds of the red -> blue img2img check (0: skip)")
-    p.add_argument("--concept", action="store_true", help="also measure the shape the model was not trained on (a cross): without and with the demo LoRA and embedding, and the old prompts with the LoRA")
+    p.add_argument("--concept", action="store_true", help="also measure what the model was not trained on: the shape cross without and with the demo LoRA, the word demo-scarlet without and with the demo embedding, and the old prompts with the LoRA")
     p.add_argument("--concept_only", action="store_true", help="--concept without the old table and the img2img check")
     p.add_argument("--concept_lora", type=Path, default=None, help="LoRA of the concept (default: the shipped microbatch/assets/lora/demo-cross.safetensors)")
-    p.add_argument("--concept_embedding", type=Path, default=None, help="embedding of the concept, named demo-cross (default: the shipped microbatch/assets/embeddings/demo-cross.pt)")
+    p.add_argument("--concept_embedding", type=Path, default=None, help="embedding of the word demo-scarlet, named so (default: the shipped microbatch/assets/embeddings/demo-scarlet.pt)")
     p.add_argument("--lora_weight", type=float, default=1.0, help="the concept LoRA's weight")
     p.add_argument("--outdir", type=Path, default=Path("outputs/eval-demo"))
     p.add_argument("--setting", type=str, action="append", default=[], metavar="FIELD=VALUE", help="set a SamplingSettings field for the adherence runs, VALUE a Python literal (repeatable): --setting tome=0.5 --setting deepcache=3 --setting 'guidance_interval=(0.28, 5.42)'")
@@ -254,8 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     n = len(images[row])
                     concept[f"concept: {row} ({n} images), {name}"] = r
                     print(f"concept: {row}, {name}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS), flush=True)
-                    columns = 9 if row.startswith("old") else 6
-                    Image.fromarray(grid(images[row][: 54 if row.startswith("old") else 18], columns)).save(args.outdir / f"concept-{row.replace(', ', '-').replace(' ', '_')}-{sampler}-{scale:g}.png")
+                    per_seed = n // len(seeds)
+                    Image.fromarray(grid(images[row][:per_seed], 6 if per_seed == 18 else 9)).save(args.outdir / f"concept-{row.replace(', ', '-').replace(' ', '_')}-{sampler}-{scale:g}.png")
                 print(f"({time.perf_counter() - start:.0f} s)", flush=True)
         summary["concept"] = {"lora": str(args.concept_lora), "lora_weight": args.lora_weight, "embedding": str(args.concept_embedding), "adherence": concept}
         table = (table + "\n\n" if table else "") + markdown_table(concept, None)
