@@ -36,15 +36,29 @@ class TimeEmbedding:
     keeps every image's result independent of the batch size: small-M matrix products take other kernels (with
     another summation order) than large ones. With an `adm` vector (SDXL) the distinct rows are the distinct
     (timestep, vector) pairs: a guided batch holds about two.
+
+    `index` None: `values` holds every row [B, C] and `map` applies fn one row at a time, which gives each row
+    the bits it would get in a batch of one as well. This is the form used where finding the distinct rows would
+    cost a host synchronisation (torch.unique on a GPU waits for the device) or break a compiled graph (its output
+    size depends on the data); a batch of one timestep gives bit-identical values either way.
     """
 
-    def __init__(self, values: torch.Tensor, index: torch.Tensor):
+    def __init__(self, values: torch.Tensor, index: Optional[torch.Tensor]):
         self.values = values
         self.index = index
 
     def map(self, fn) -> torch.Tensor:
         """fn applied to the distinct rows, expanded to the batch: [B, ...]."""
+        if self.index is None:
+            return torch.cat([fn(self.values[i : i + 1]) for i in range(self.values.shape[0])])
         return fn(self.values)[self.index]
+
+
+def _distinct_on_host(t: torch.Tensor) -> bool:
+    """Whether the distinct rows of `t` may be found with torch.unique: on the CPU, outside torch.compile (elsewhere
+    it synchronises with the device, or breaks the compiled graph, or has no meta kernel)."""
+    compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return t.device.type == "cpu" and not compiling()
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
@@ -336,9 +350,12 @@ class UNetModel(nn.Module):
                 f"the conditioning vector y must be given exactly when the UNet has a label embedding "
                 f"(num_classes {self.num_classes!r}); got y {None if y is None else tuple(y.shape)}"
             )
-        if y is None:
+        if y is None and _distinct_on_host(timesteps):
             distinct, index = torch.unique(timesteps, return_inverse=True)
             emb = TimeEmbedding(self.time_embed(timestep_embedding(distinct, self.model_channels).to(dtype)), index)
+        elif y is None:
+            rows = [self.time_embed(timestep_embedding(timesteps[i : i + 1], self.model_channels).to(dtype)) for i in range(timesteps.shape[0])]
+            emb = TimeEmbedding(torch.cat(rows), None)
         else:
             emb = self._time_and_label_embedding(timesteps, y, dtype)
         if context is not None:
@@ -358,6 +375,12 @@ class UNetModel(nn.Module):
         if y.dim() != 2 or y.shape[0] != timesteps.shape[0] or y.shape[1] != self.adm_in_channels:
             raise ValueError(f"y must be [B={timesteps.shape[0]}, {self.adm_in_channels}], got {tuple(y.shape)}")
         rows = torch.cat([timesteps[:, None].to(torch.float64), y.to(torch.float64)], dim=1)
+        if not _distinct_on_host(rows):
+            per_row = [
+                self.time_embed(timestep_embedding(rows[i : i + 1, 0], self.model_channels).to(dtype)) + self.label_emb(rows[i : i + 1, 1:].to(dtype))
+                for i in range(rows.shape[0])
+            ]
+            return TimeEmbedding(torch.cat(per_row), None)
         distinct, index = torch.unique(rows, dim=0, return_inverse=True)
         t, y = distinct[:, 0], distinct[:, 1:]
         values = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype)) + self.label_emb(y.to(dtype))
