@@ -785,8 +785,8 @@ def run_vae_case(case: Case, ctx: Context) -> list[dict]:
 def run_roofline_case(case: Case, ctx: Context) -> list[dict]:
     """The machine's attainable rate in one precision: the UNet's 3x3 convolutions (NCHW and NHWC) and its
     attention / feed-forward GEMMs at `resolution` with 2 x batch rows, each timed alone (best of several calls).
-    One row per kernel, and a row `op` "best" whose attainable_gflops_per_s is the best of them: the limit the
-    unet and vae rows are a fraction of."""
+    One row per kernel, and a row `op` "best" whose attainable_gflops_per_s is the best of the dominant ones (at
+    least 5% of the largest kernel's FLOPs): the limit the unet and vae rows are a fraction of."""
     import torch
 
     from microbatch.roofline import measure_rates, unet_shapes
@@ -802,7 +802,10 @@ def run_roofline_case(case: Case, ctx: Context) -> list[dict]:
     for r in results:
         rows.append(_row(case, ctx, device, "machine", op=r["op"], shape=r["shape"], layout=r["layout"], gflop=r["gflop"],
                          time_s=r["seconds"], gflops_per_s=r["gflops_per_s"], what=r["what"], dtype=r["dtype"]))
-    best = max(results, key=lambda r: r["gflops_per_s"])
+    # The limit: the best rate among the dominant kernels (each at least 5% of the largest one's FLOPs): a tiny
+    # in-cache GEMM (the 77-token cross-attention projections) can run far above what the UNet's bulk can.
+    big = max(r["gflop"] for r in results)
+    best = max((r for r in results if r["gflop"] >= 0.05 * big), key=lambda r: r["gflops_per_s"])
     by_op = {op: max(r["gflops_per_s"] for r in results if r["op"] == op) for op in {r["op"] for r in results}}
     rows.append(_row(case, ctx, device, "machine", op="best", shape=best["shape"], layout=best["layout"], dtype=best["dtype"],
                      attainable_gflops_per_s=best["gflops_per_s"], best_by_op=by_op))
@@ -1350,8 +1353,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_tables(rows, out)
         summary = "; ".join(
             f"{r['impl']}: {r['status']} time {r.get('time_s')} s peak {r.get('peak_mb')} MB" + (f" ({r['error']})" if r.get("error") else "")
-            for r in new
-        )
+            for r in new if r.get("kind") != "roofline" or r.get("status") != "ok"
+        ) or "; ".join(f"attainable {r['attainable_gflops_per_s']} GFLOP/s {r['dtype']} ({r['shape']} {r['layout']})" for r in new if r.get("op") == "best")
         print(f"[{i + 1}/{len(cases)}] {case.kind} {case.resolution}px {case.attention} {case.precision} "
               f"b={case.batch} n={case.n_samples} mbs={case.max_batch_size} {case.vae_mode}: {summary} ({time.perf_counter() - start:.0f} s)", flush=True)
     plots = make_plots(rows, out)

@@ -137,7 +137,8 @@ def test_roofline_and_profile_cases_on_the_tiny_config(bench, tmp_path):
     ctx = bench.Context(None, TINY, "cpu", 0, 0, 1)
     rows = bench.run_case_here(bench.Case("roofline", "machine", 64, precision="fp32"), ctx)
     best = rows[-1]
-    assert best["op"] == "best" and best["attainable_gflops_per_s"] == max(r["gflops_per_s"] for r in rows[:-1]) > 0
+    big = max(r["gflop"] for r in rows[:-1])
+    assert best["op"] == "best" and best["attainable_gflops_per_s"] == max(r["gflops_per_s"] for r in rows[:-1] if r["gflop"] >= 0.05 * big) > 0
     assert {r["layout"] for r in rows if r["op"] == "conv3x3"} == {"contiguous", "channels_last"}
     prof = bench.run_case_here(bench.Case("profile", "both", 64, precision="fp32"), ctx)
     assert [r["impl"] for r in prof] == ["ours", "diffusers"]

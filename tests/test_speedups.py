@@ -145,3 +145,26 @@ def test_full_size_unet_flops_counted_on_meta():
     ctx = bench.Context(None, str(bench.V1_CONFIG), "cpu", 0, 0, 1)
     ours = bench.unet_gflop(ctx, 2, 64)
     assert ours == pytest.approx(1606.5, rel=1e-3)
+
+
+def test_identical_prompts_are_encoded_once_per_run(tiny_ckpt, monkeypatch):
+    """6 images of one prompt in micro-batches of 1: the text encoder runs once for the prompt and once for the
+    (empty) negative prompt, not once per image or micro-batch."""
+    pipe = Pipeline.from_checkpoint(tiny_ckpt, config=TINY[1], device="cpu", precision="full")
+    import microbatch.engine as engine
+
+    texts: list[str] = []
+    real, real_long = pipe.model.get_learned_conditioning, engine.get_learned_conditioning
+
+    def counting(c):
+        texts.extend(c)
+        return real(c)
+
+    def counting_long(model, prompts, *args, **kwargs):
+        texts.extend(prompts)
+        return real_long(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.model, "get_learned_conditioning", counting)
+    monkeypatch.setattr(engine, "get_learned_conditioning", counting_long)
+    pipe.txt2img("a red circle", n=6, steps=2, width=64, height=64, max_batch_size=1)
+    assert sorted(texts) == ["", "a red circle"]
