@@ -210,7 +210,7 @@ class Pipeline:
     ) -> "Pipeline":
         """Load a checkpoint (.ckpt / .safetensors). No ckpt: the original default path if it exists, else the
         embedded demo model. Other keyword arguments are `ModelOptions` fields (attention, attention_slicing,
-        offload, use_ema, parameterization)."""
+        offload, use_ema, parameterization, compile, channels_last)."""
         opts = ModelOptions(
             ckpt=None if ckpt is None else str(ckpt), config=None if config is None else str(config), vae=None if vae is None else str(vae),
             device=device, precision=precision, **options,

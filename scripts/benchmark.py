@@ -664,6 +664,7 @@ def run_generate_case(case: Case, ctx: Context) -> list[dict]:
             feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
+        _layout(case, unet, vae)
         if case.compile:  # compiled in place, as diffusers' documentation does it (unet, vae decoder)
             from microbatch.speedups import configure_cache
 
