@@ -173,6 +173,8 @@ def build_parser(mode: Mode, description: Optional[str] = None) -> argparse.Argu
     g.add_argument("--split_guidance", action="store_true", help="run the unconditional and conditional halves of guidance as separate UNet calls")
     g.add_argument("--attention", type=str, default="auto", choices=list(BACKENDS), help="attention kernel")
     g.add_argument("--attention_slicing", type=str, default=None, help="auto, max or N: compute attention in slices (implies --attention sliced)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder (static shapes: the first micro-batch of each shape compiles, then cached on disk in TORCHINDUCTOR_CACHE_DIR, default ~/.cache/microbatch/inductor); same images up to float rounding")
+    g.add_argument("--channels_last", action="store_true", help="convolutions in NHWC order (faster on oneDNN CPUs and tensor-core GPUs; same images up to float rounding)")
     g.add_argument("--offload", type=str, default="none", choices=["none", "model", "sequential"], help="GPU memory saving: model keeps only the component in use on the GPU; sequential streams the UNet's blocks one at a time (no-ops on CPU)")
     g.add_argument("--vae_tiling", type=str, default="auto", choices=["auto", "on", "off"], help="decode (and encode) through the VAE in overlapping, blended tiles; auto: for latents above 128 (images above 1024 px)")
     g.add_argument("--vae_tile", type=int, default=64, help="VAE tile side in latents (x f pixels)")
@@ -287,7 +289,7 @@ def _model_fields(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         ckpt=args.ckpt, config=args.config, vae=args.vae, device=args.device, precision=args.precision, attention=args.attention,
         attention_slicing=args.attention_slicing, offload=args.offload, use_ema=args.use_ema, parameterization=args.parameterization,
-        refiner=args.refiner,
+        refiner=args.refiner, compile=args.compile, channels_last=args.channels_last,
     )
 
 

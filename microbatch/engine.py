@@ -186,7 +186,12 @@ class PerImageNoise:
         if like.shape[0] != len(self.generators):
             raise AssertionError("noise batch does not match the number of generators")
         rows = [torch.randn(tuple(like.shape[1:]), generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+        noise = torch.stack(rows)
+        if like.device.type == "cuda":
+            # from pinned memory without blocking: the host does not wait for the GPU to drain at every step (a
+            # pageable copy would); same values
+            return noise.pin_memory().to(device=like.device, non_blocking=True).to(like.dtype)
+        return noise.to(device=like.device, dtype=like.dtype)
 
 
 # The img2img posterior sample's generator is seeded with (seed + INIT_SEED_OFFSET) mod 2^64 (2^64 / golden ratio,

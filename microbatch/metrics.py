@@ -30,6 +30,9 @@ class RunMetrics:
     peak_memory_sampling_mb: Optional[float] = None
     sampling_peak_reset: bool = True
     final_max_batch_size: Optional[int] = None
+    # --compile: seconds torch.compile spent compiling (or reading its cache) during sampling; it happens on first
+    # use of each shape, so it is inside first_image_s (and sampling_s). None without --compile.
+    compile_s: Optional[float] = None
     interrupted: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
     ranks: list[dict[str, Any]] = field(default_factory=list)  # a distributed job's per-rank figures
@@ -63,6 +66,13 @@ class RunMetrics:
         return statistics.median(self.per_image_s) if self.per_image_s else None
 
     @property
+    def first_image_without_compile_s(self) -> Optional[float]:
+        """Time to first image less the compilation inside it (what a run with a warm compiled model takes)."""
+        if self.first_image_s is None or self.compile_s is None:
+            return None
+        return max(0.0, self.first_image_s - self.compile_s)
+
+    @property
     def images_per_s(self) -> Optional[float]:
         return self.images / self.sampling_s if self.sampling_s > 0 and self.images else None
 
@@ -74,6 +84,9 @@ class RunMetrics:
         if self.median_image_s is not None:
             lines.append(f"Time per image (median): {self.median_image_s:.2f} s; {self.images_per_s:.3f} images/s")
         lines.append(f"Model load took {self.model_load_s:.2f} seconds")
+        if self.compile_s is not None:
+            without = f"; time to first image without it: {self.first_image_without_compile_s:.2f} s" if self.first_image_s is not None else ""
+            lines.append(f"Compilation (torch.compile, in the sampling time) took {self.compile_s:.2f} seconds{without}")
         label = "Peak GPU memory allocated" if self.peak_memory_kind == "GPU memory allocated" else f"Peak {self.peak_memory_kind}"
         lines.append(f"{label}: {self.peak_memory_mb:.2f} MB" + ("" if self.sampling_peak_reset else " (since the process started)"))
         if self.peak_memory_load_mb is not None:
@@ -89,6 +102,7 @@ class RunMetrics:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         d["median_image_s"] = self.median_image_s
         d["images_per_s"] = self.images_per_s
+        d["first_image_without_compile_s"] = self.first_image_without_compile_s
         return d
 
     def write_json(self, path: Path) -> None:

@@ -45,6 +45,7 @@ from microbatch.offload import apply_offload
 from microbatch.parameters import png_parameters
 from microbatch import refiner as refiners
 from microbatch.request import GenerationRequest, ModelOptions, UsageError
+from microbatch.speedups import apply_speedups, compile_seconds
 from microbatch.vae_tiling import encode_tiled
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class Pipeline:
     ) -> "Pipeline":
         """Load a checkpoint (.ckpt / .safetensors). No ckpt: the original default path if it exists, else the
         embedded demo model. Other keyword arguments are `ModelOptions` fields (attention, attention_slicing,
-        offload, use_ema, parameterization)."""
+        offload, use_ema, parameterization, compile, channels_last)."""
         opts = ModelOptions(
             ckpt=None if ckpt is None else str(ckpt), config=None if config is None else str(config), vae=None if vae is None else str(vae),
             device=device, precision=precision, **options,
@@ -246,6 +247,8 @@ class Pipeline:
             note(f"VAE: {loaded.vae_path}" + ("" if options.vae else " (found beside the checkpoint)"))
         if offload:
             apply_offload(loaded.model, options.offload, device)
+        for text in apply_speedups(loaded.model, options.compile, options.channels_last):
+            note(text)
         logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
         refiner = None
         if options.refiner:
@@ -256,6 +259,7 @@ class Pipeline:
             refiner.model.first_stage_model.to("cpu")
             if offload:
                 apply_offload(refiner.model, options.offload, device)
+            apply_speedups(refiner.model, options.compile, options.channels_last)
             logger.info("refiner: %s (%s)", path, refiner.config_reason)
         return cls(loaded, device, options, on_note, refiner)
 
@@ -562,6 +566,7 @@ class Pipeline:
         engine.step_callback = on_step
         metrics.peak_memory_load_mb = self.loaded.peak_memory_mb
         metrics.sampling_peak_reset = reset_peak_memory(self.device)
+        compiled_before = compile_seconds() if self.options.compile else None
         metrics.start()
         interrupted = False
         try:
@@ -571,6 +576,8 @@ class Pipeline:
             for pos in sorted(pending):  # finished images of other LoRA sets
                 emit(pending.pop(pos))
         metrics.finish(self.device)
+        if compiled_before is not None:
+            metrics.compile_s = compile_seconds() - compiled_before
         return RunResult(images, plan, metrics, interrupted)
 
     def _run_groups(self, engine: Engine, plan: Plan, on_batch: Callable[[list[FinishedImage]], None]) -> int:
@@ -634,6 +641,7 @@ class Pipeline:
             "scale": s.guidance_scale, "height": s.height, "width": s.width, "n_samples": request.n_samples,
             "n_iter": request.n_iter, "images": len(plan.jobs), "max_batch_size": s.max_batch_size,
             "precision": self.options.precision, "dtypes": self.loaded.dtypes.describe(), "attention": attention,
+            "compile": self.options.compile, "channels_last": self.options.channels_last,
             "seed": request.seed, "strength": s.strength, "clip_skip": s.clip_skip, "hires": self._hires_metrics(s),
             "guidance_interval": None if s.guidance_interval is None else f"{s.guidance_interval[0]:g} {s.guidance_interval[1]:g}",
             "tome": s.tome, "deepcache": s.deepcache,

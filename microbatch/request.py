@@ -406,6 +406,9 @@ class ModelOptions:
     use_ema: bool = False
     parameterization: Literal["auto", "eps", "v"] = "auto"
     refiner: Optional[str] = None
+    # exact speed-ups (microbatch.speedups): torch.compile of the UNet and VAE decoder; NHWC convolutions
+    compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         for name, what in (("ckpt", "checkpoint"), ("config", "config"), ("refiner", "refiner")):
@@ -432,6 +435,14 @@ class ModelOptions:
         if self.attention_slicing is not None:
             object.__setattr__(self, "attention_slicing", str(self.attention_slicing))
             self.attention_backend()
+        if self.compile:
+            from microbatch.speedups import compile_supported
+
+            why = compile_supported()
+            if why is not None:
+                raise UsageError(f"--compile: {why}")
+            if self.offload == "sequential":
+                raise UsageError("--compile does not combine with --offload sequential (its hooks move weights inside the UNet's forward)")
 
     def attention_backend(self, device: Any = None) -> AttentionBackend:
         try:

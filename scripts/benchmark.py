@@ -52,8 +52,12 @@ COLUMNS = [
     "time_per_image_s", "first_image_s", "timing", "time_ratio_vs_diffusers", "peak_mb", "transient_mb", "weights_mb",
     "rss_peak_mb", "memory_kind", "attn_peak_mb", "score_peak_mb", "score_block_mb", "max_abs_diff", "mean_abs_diff", "diff_vs",
     "threads", "torch", "diffusers", "seconds_in_case", "error",
+    # --compile, --channels_last, roofline and profile cases
+    "compile", "channels_last", "compile_s", "first_call_s", "first_image_cold_s", "time_ratio_vs_diffusers_compiled",
+    "gflop", "gflops_per_s", "attainable_gflops_per_s", "fraction_of_limit", "op", "shape", "layout",
 ]
 PRECISIONS = ("fp32", "fp16", "bf16", "autocast")
+KINDS = ("unet", "generate", "vae", "roofline", "profile")
 ATTENTIONS = ("sdpa", "math", "sliced")
 
 
@@ -74,6 +78,8 @@ class Case:
     vae_mode: str = ""  # vae: whole, tiled or both (one after the other, in this order)
     tile: int = 0
     overlap: int = 0
+    compile: bool = False  # unet / vae: compiled variants beside the eager ones; generate: both sides compiled
+    channels_last: bool = False  # weights and inputs in NHWC order (both implementations)
 
 
 @dataclass
@@ -87,6 +93,8 @@ class Context:
     warmup: int
     threads: Optional[int]
     seed: int = 0
+    # GFLOP/s the machine attains per precision name, from a roofline case of the same run (see microbatch.roofline)
+    attainable: Optional[dict] = None
 
 
 # -- weights -----------------------------------------------------------------------------------------------------
@@ -392,6 +400,9 @@ class Impl:
     weights: int
     warmup: Optional[Callable[[], Any]] = None
     probe: Optional[Callable[[], Any]] = None  # context manager around the measured run
+    prepare: Optional[Callable[[], Any]] = None  # a first call before anything is measured (compiles), timed
+    gflop: Optional[float] = None  # FLOPs of one run (counted from the shapes), for the fraction of the limit
+    dtype: str = "float32"  # the dtype whose attainable rate is the limit
 
 
 def measure(impls: dict[str, Impl], ctx: Context, device: Any) -> dict[str, dict]:
@@ -402,9 +413,16 @@ def measure(impls: dict[str, Impl], ctx: Context, device: Any) -> dict[str, dict
 
     from microbatch.memory import PeakMemory
 
-    stats: dict[str, dict] = {name: {"times": [], "firsts": []} for name in impls}
-    ratios = []
+    from microbatch.speedups import compile_seconds
+
+    stats: dict[str, dict] = {name: {"times": [], "firsts": [], "ratios": {}} for name in impls}
+    peers = [p for p in ("diffusers", "diffusers+compile") if p in impls]
     with torch.no_grad():
+        for name, impl in impls.items():
+            if impl.prepare is not None:  # compilation, before the memory and time measurements
+                before = compile_seconds()
+                stats[name]["first_call_s"], _ = timed(impl.prepare, device)
+                stats[name]["compile_s"] = compile_seconds() - before
         for name, impl in impls.items():
             # On CUDA the probe resets the peak counter per call, so it gets a pass of its own.
             inline = impl.probe is not None and device.type != "cuda"
@@ -431,15 +449,16 @@ def measure(impls: dict[str, Impl], ctx: Context, device: Any) -> dict[str, dict
                 pair[name], (_, first) = timed(impls[name].run, device)
                 stats[name]["times"].append(pair[name])
                 stats[name]["firsts"].append(first)
-            if len(pair) == 2:
-                ratios.append(pair["ours"] / pair["diffusers"])
+            for name in pair:
+                for peer in peers:
+                    if name != peer:
+                        stats[name]["ratios"].setdefault(peer, []).append(pair[name] / pair[peer])
     for name, s in stats.items():
         s["timing"] = f"median of {len(s['times'])} timed runs"
         if not s["times"]:  # no timed rounds: the measured run's time
             s["times"], s["firsts"] = [s["measured"][0]], [s["measured"][1]]
             s["timing"] = "the measured run" + (" (under the CPU profiler: slower)" if device.type == "cpu" else "")
-        s["ratios"] = ratios if ratios and name == "ours" else None
-        s["ratio"] = statistics.median(ratios) if s["ratios"] else None
+        s["ratio"] = {peer: statistics.median(r) for peer, r in s["ratios"].items()}
     return stats
 
 
@@ -449,24 +468,37 @@ def rows_from(
     """Table rows of measured implementations. The process's peak RSS is reported only when it is the case's own
     (`rss` and a single implementation in the process)."""
     rows = []
-    outputs = [s["output"] for s in stats.values() if s["output"] is not None]
+    outputs = {name: s["output"] for name, s in stats.items() if s["output"] is not None}
+    reference = next(iter(outputs), None)  # the first implementation's output (ours, eager)
     for name, s in stats.items():
         meter, median = s["meter"], statistics.median(s["times"])
         firsts = [f for f in s["firsts"] if f is not None]
         values = dict(
             time_s=round(median, 4), time_min_s=round(min(s["times"]), 4), time_per_image_s=round(median / per_image, 4),
             first_image_s=round(statistics.median(firsts), 4) if firsts else None, timing=s["timing"],
-            times_s=[round(t, 4) for t in s["times"]], ratios=[round(r, 4) for r in s["ratios"]] if s["ratios"] else None,
-            time_ratio_vs_diffusers=None if s["ratio"] is None else round(s["ratio"], 4),
+            times_s=[round(t, 4) for t in s["times"]],
+            ratios=[round(r, 4) for r in s["ratios"]["diffusers"]] if "diffusers" in s["ratios"] else None,
+            time_ratio_vs_diffusers=round(s["ratio"]["diffusers"], 4) if "diffusers" in s["ratio"] else None,
+            time_ratio_vs_diffusers_compiled=round(s["ratio"]["diffusers+compile"], 4) if "diffusers+compile" in s["ratio"] else None,
+            compile_s=round(s["compile_s"], 2) if "compile_s" in s else None,
+            first_call_s=round(s["first_call_s"], 3) if "first_call_s" in s else None,
+            first_image_cold_s=round(s["measured"][1], 4) if s["measured"][1] is not None else None,
             # weights + what the run allocated above its start: per implementation even when the peer's weights
             # share the device (on CUDA the allocator's absolute peak would include them)
             peak_mb=_mb(impls[name].weights + meter.transient_bytes), transient_mb=_mb(meter.transient_bytes),
             weights_mb=_mb(impls[name].weights), memory_kind=meter.kind,
             rss_peak_mb=round(rss_peak_mb(), 1) if rss and device.type == "cpu" and len(impls) == 1 else None,
         )
-        if len(outputs) == 2 and case.kind != "vae":
-            diff = (outputs[0] - outputs[1]).abs()
-            values.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()), diff_vs="the other implementation")
+        if len(outputs) >= 2 and case.kind != "vae":
+            other = reference if name != reference else next(n for n in outputs if n != reference)
+            diff = (outputs[name] - outputs[other]).abs()
+            values.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()), diff_vs=other)
+        gflop = impls[name].gflop
+        if gflop:
+            rate = gflop / median
+            limit = (ctx.attainable or {}).get(impls[name].dtype)
+            values.update(gflop=round(gflop, 2), gflops_per_s=round(rate, 2), attainable_gflops_per_s=limit,
+                          fraction_of_limit=round(rate / limit, 4) if limit else None)
         probe = s["probe"]
         if isinstance(probe, AttentionProbe):
             calls, scores = probe.peaks(AttentionProbe.CALL, meter), probe.peaks(AttentionProbe.SCORES, meter)
@@ -483,8 +515,68 @@ def wanted(case: Case) -> list[str]:
     return ["ours", "diffusers"] if case.impl == "both" else [case.impl]
 
 
+def _meta_unet(ctx: Context) -> Any:
+    """Our UNet built on the meta device (shapes only), to count FLOPs."""
+    import torch
+
+    from ldm.util import instantiate_from_config
+
+    with torch.device("meta"):
+        return instantiate_from_config(_config(ctx).model.params.unet_config).eval()
+
+
+def unet_gflop(ctx: Context, rows: int, side: int) -> float:
+    """GFLOPs of one UNet call on [rows, C, side, side] with a 77-token context, counted on the meta device."""
+    import torch
+
+    from microbatch.roofline import count_flops
+
+    unet = _meta_unet(ctx)
+    x = torch.empty(rows, unet.in_channels, side, side, device="meta")
+    t = torch.full((rows,), 500.0, device="meta")
+    context = torch.empty(rows, 77, unet.context_dim, device="meta") if unet.context_dim else None
+    y = torch.empty(rows, unet.adm_in_channels, device="meta") if unet.num_classes is not None else None
+    return sum(count_flops(lambda: unet(x, t, context=context, y=y)).values()) / 1e9
+
+
+def vae_gflop(ctx: Context, side: int) -> float:
+    """GFLOPs of one VAE decode of a [1, C, side, side] latent, counted on the meta device."""
+    import torch
+
+    from ldm.util import instantiate_from_config
+    from microbatch.roofline import count_flops
+
+    with torch.device("meta"):
+        vae = instantiate_from_config(_config(ctx).model.params.first_stage_config).eval()
+    z = torch.empty(1, vae.embed_dim, side, side, device="meta")
+    return sum(count_flops(lambda: vae.decode(z)).values()) / 1e9
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _compiled(module: Any) -> Any:
+    """A compiled view of `module` with static shapes; the eager module stays callable beside it."""
+    import torch
+
+    from microbatch.speedups import configure_cache
+
+    configure_cache()
+    return torch.compile(module, dynamic=False)
+
+
+def _layout(case: Case, *tensors_or_modules: Any) -> None:
+    import torch
+
+    if case.channels_last:
+        for m in tensors_or_modules:
+            m.to(memory_format=torch.channels_last)
+
+
 def run_unet_case(case: Case, ctx: Context) -> list[dict]:
-    """One guided UNet call: x [2B, 4, r/8, r/8] at t = 500 with a [2B, 77, D] context."""
+    """One guided UNet call: x [2B, 4, r/8, r/8] at t = 500 with a [2B, 77, D] context. With `compile`, compiled
+    copies of each implementation run beside the eager ones (same weights), all timed in alternation."""
     import torch
 
     from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
@@ -496,17 +588,31 @@ def run_unet_case(case: Case, ctx: Context) -> list[dict]:
     g = torch.Generator().manual_seed(ctx.seed + 1)
     rows, side = 2 * case.batch, case.resolution // 8
     x = torch.randn(rows, unet.in_channels, side, side, generator=g).to(device, dtype)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     context = torch.randn(rows, 77, unet.context_dim, generator=g).to(device, dtype)
     t = torch.full((rows,), 500, device=device)
+    gflop, dname = unet_gflop(ctx, rows, side), _dtype_name(dtype)
     impls: dict[str, Impl] = {}
     if "ours" in wanted(case):
         unet.to(device=device, dtype=dtype)
+        _layout(case, unet)
         set_attention_backend(unet, AttentionBackend(case.attention))
-        impls["ours"] = Impl(lambda: (unet(x, t, context=context), None), module_bytes(unet), probe=lambda: AttentionProbe(unet, device))
+        impls["ours"] = Impl(lambda: (unet(x, t, context=context), None), module_bytes(unet), probe=lambda: AttentionProbe(unet, device), gflop=gflop, dtype=dname)
     if theirs is not None:
         theirs.to(device=device, dtype=dtype)
+        _layout(case, theirs)
         set_diffusers_attention(theirs, case.attention)
-        impls["diffusers"] = Impl(lambda: (theirs(x, t, encoder_hidden_states=context).sample, None), module_bytes(theirs))
+        impls["diffusers"] = Impl(lambda: (theirs(x, t, encoder_hidden_states=context).sample, None), module_bytes(theirs), gflop=gflop, dtype=dname)
+    if case.compile:
+        if "ours" in impls:
+            ours_c = _compiled(unet)
+            run = lambda: (ours_c(x, t, context=context), None)  # noqa: E731
+            impls["ours+compile"] = Impl(run, module_bytes(unet), prepare=run, gflop=gflop, dtype=dname)
+        if "diffusers" in impls:
+            theirs_c = _compiled(theirs)
+            run_t = lambda: (theirs_c(x, t, encoder_hidden_states=context).sample, None)  # noqa: E731
+            impls["diffusers+compile"] = Impl(run_t, module_bytes(theirs), prepare=run_t, gflop=gflop, dtype=dname)
     stats = measure(impls, ctx, device)
     return rows_from(case, ctx, device, impls, stats, case.batch, rows=rows)
 
@@ -558,6 +664,13 @@ def run_generate_case(case: Case, ctx: Context) -> list[dict]:
             feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
+        _layout(case, unet, vae)
+        if case.compile:  # compiled in place, as diffusers' documentation does it (unet, vae decoder)
+            from microbatch.speedups import configure_cache
+
+            configure_cache()
+            unet.compile(dynamic=False)
+            vae.decoder.compile(dynamic=False)
 
         def run_diffusers(count: int = n, steps: int = case.steps) -> tuple[Any, Optional[float]]:
             start, first, images = time.perf_counter(), None, []
@@ -577,6 +690,10 @@ def run_generate_case(case: Case, ctx: Context) -> list[dict]:
     if "ours" in wanted(case):
         if case.offload == "none" or apply_offload(model, case.offload, device) is None:
             model.to(device)
+        if case.compile or case.channels_last:
+            from microbatch.speedups import apply_speedups
+
+            apply_speedups(model, case.compile, case.channels_last)
         engine = Engine(model, device)
         jobs = [ImageJob(i, PROMPT, ctx.seed + i) for i in range(n)]
         settings = SamplingSettings(sampler="ddim", steps=case.steps, height=case.resolution, width=case.resolution, max_batch_size=mbs)
@@ -606,10 +723,14 @@ def run_vae_case(case: Case, ctx: Context) -> list[dict]:
     scale = float(_config(ctx).model.params.get("scale_factor", 0.18215))
     side = case.resolution // 8
     z = torch.randn(1, vae.embed_dim, side, side, generator=torch.Generator().manual_seed(ctx.seed + 2)).to(device)
+    if case.channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    gflop = vae_gflop(ctx, side)
     decoders: dict[str, Callable[[bool], Any]] = {}
     weights: dict[str, int] = {}
     if "diffusers" in wanted(case):
         theirs = diffusers_vae(ctx, vae).to(device=device, dtype=dtype)
+        _layout(case, theirs)
         set_diffusers_attention(theirs, case.attention)
 
         def decode_theirs(tiled: bool) -> Any:
@@ -624,6 +745,7 @@ def run_vae_case(case: Case, ctx: Context) -> list[dict]:
         decoders["diffusers"], weights["diffusers"] = decode_theirs, module_bytes(theirs)
     if "ours" in wanted(case):
         model = vae_wrapper(vae, scale).to(device=device, dtype=dtype)
+        _layout(case, vae)
         set_attention_backend(vae, AttentionBackend(case.attention))
 
         def decode_ours(tiled: bool) -> Any:
@@ -635,8 +757,18 @@ def run_vae_case(case: Case, ctx: Context) -> list[dict]:
     rows, wholes = [], {}
     for mode in modes:
         impls = {
-            name: Impl(lambda fn=fn, tiled=mode == "tiled": (fn(tiled), None), weights[name]) for name, fn in decoders.items()
+            name: Impl(lambda fn=fn, tiled=mode == "tiled": (fn(tiled), None), weights[name], gflop=gflop if mode == "whole" else None, dtype=_dtype_name(dtype))
+            for name, fn in decoders.items()
         }
+        if case.compile and mode == "whole":  # the decoder compiled (as --compile does), the eager one beside it
+            for name in list(impls):
+                if name == "ours":
+                    dec = _compiled(vae.decoder)
+                    run = lambda dec=dec: (dec(vae.post_quant_conv((z / scale).to(dtype))), None)  # noqa: E731
+                else:
+                    dec = _compiled(theirs.decoder)
+                    run = lambda dec=dec: (dec(theirs.post_quant_conv((z / scale).to(dtype))), None)  # noqa: E731
+                impls[name + "+compile"] = Impl(run, weights[name], prepare=run, gflop=gflop, dtype=_dtype_name(dtype))
         stats = measure(impls, ctx, device)
         for row in rows_from(dataclasses.replace(case, vae_mode=mode), ctx, device, impls, stats, 1, mode == modes[0], rows=1):
             out = stats[row["impl"]]["output"]
@@ -651,7 +783,81 @@ def run_vae_case(case: Case, ctx: Context) -> list[dict]:
     return rows
 
 
-RUNNERS = {"unet": run_unet_case, "generate": run_generate_case, "vae": run_vae_case}
+def run_roofline_case(case: Case, ctx: Context) -> list[dict]:
+    """The machine's attainable rate in one precision: the UNet's 3x3 convolutions (NCHW and NHWC) and its
+    attention / feed-forward GEMMs at `resolution` with 2 x batch rows, each timed alone (best of several calls).
+    One row per kernel, and a row `op` "best" whose attainable_gflops_per_s is the best of the dominant ones (at
+    least 5% of the largest kernel's FLOPs): the limit the unet and vae rows are a fraction of."""
+    import torch
+
+    from microbatch.roofline import measure_rates, unet_shapes
+
+    device = torch.device(ctx.device)
+    dtype = dtype_of(case.precision, device)
+    params = _config(ctx).model.params.unet_config.params
+    context_dim = params.get("context_dim")
+    context_dim = context_dim[0] if isinstance(context_dim, (list, tuple)) or hasattr(context_dim, "__len__") else context_dim
+    shapes = unet_shapes(int(params.model_channels), list(params.channel_mult), case.resolution // 8, 2 * case.batch, context_dim)
+    results = measure_rates(shapes, dtype, device)
+    rows = []
+    for r in results:
+        rows.append(_row(case, ctx, device, "machine", op=r["op"], shape=r["shape"], layout=r["layout"], gflop=r["gflop"],
+                         time_s=r["seconds"], gflops_per_s=r["gflops_per_s"], what=r["what"], dtype=r["dtype"]))
+    # The limit: the best rate among the dominant kernels (each at least 5% of the largest one's FLOPs): a tiny
+    # in-cache GEMM (the 77-token cross-attention projections) can run far above what the UNet's bulk can.
+    big = max(r["gflop"] for r in results)
+    best = max((r for r in results if r["gflop"] >= 0.05 * big), key=lambda r: r["gflops_per_s"])
+    by_op = {op: max(r["gflops_per_s"] for r in results if r["op"] == op) for op in {r["op"] for r in results}}
+    rows.append(_row(case, ctx, device, "machine", op="best", shape=best["shape"], layout=best["layout"], dtype=best["dtype"],
+                     attainable_gflops_per_s=best["gflops_per_s"], best_by_op=by_op))
+    return rows
+
+
+def run_profile_case(case: Case, ctx: Context) -> list[dict]:
+    """Where one guided UNet call's time goes (the `unet` case's call), ours and diffusers' eager, under
+    torch.profiler: operator self-time by category (microbatch.roofline.categorize), after `warmup` untimed calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
+    from microbatch.roofline import time_breakdown
+
+    device = torch.device(ctx.device)
+    dtype = dtype_of(case.precision, device)
+    unet = build_model(ctx, "unet")
+    theirs = diffusers_unet(ctx, unet) if "diffusers" in wanted(case) else None
+    g = torch.Generator().manual_seed(ctx.seed + 1)
+    rows_n, side = 2 * case.batch, case.resolution // 8
+    x = torch.randn(rows_n, unet.in_channels, side, side, generator=g).to(device, dtype)
+    context = torch.randn(rows_n, 77, unet.context_dim, generator=g).to(device, dtype)
+    t = torch.full((rows_n,), 500, device=device)
+    calls: dict[str, Callable[[], Any]] = {}
+    if "ours" in wanted(case):
+        unet.to(device=device, dtype=dtype)
+        set_attention_backend(unet, AttentionBackend(case.attention))
+        calls["ours"] = lambda: unet(x, t, context=context)
+    if theirs is not None:
+        theirs.to(device=device, dtype=dtype)
+        set_diffusers_attention(theirs, case.attention)
+        calls["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=context).sample
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = []
+    with torch.no_grad():
+        for _ in range(ctx.warmup):
+            for fn in calls.values():
+                fn()
+        for name, fn in calls.items():
+            with profile(activities=activities) as prof:
+                seconds, _ = timed(fn, device)
+            breakdown = time_breakdown(prof, device)
+            top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+            rows.append(_row(case, ctx, device, name, time_s=round(seconds, 4), timing="one call under torch.profiler",
+                             breakdown_s={k: round(v, 4) for k, v in breakdown.items()},
+                             top_ops=[(e.key, e.count, round(e.self_cpu_time_total / 1e6, 4)) for e in top]))
+    return rows
+
+
+RUNNERS = {"unet": run_unet_case, "generate": run_generate_case, "vae": run_vae_case, "roofline": run_roofline_case, "profile": run_profile_case}
 
 
 def run_case_here(case: Case, ctx: Context) -> list[dict]:
@@ -680,6 +886,8 @@ def native_resolution(config: str) -> int:
 
 def plan_cases(args: argparse.Namespace, device_type: str, peer: bool) -> list[Case]:
     """The sweep: preset values, each replaced by the flag given on the command line."""
+    if args.cases == "gpu":
+        return plan_gpu_cases(args, peer)
     native = native_resolution(args.config or str(V1_CONFIG))
     quick = args.cases == "quick"
     half = "fp16" if device_type == "cuda" else "bf16"
@@ -692,15 +900,24 @@ def plan_cases(args: argparse.Namespace, device_type: str, peer: bool) -> list[C
     offloads = args.offload or (["none"] if quick or device_type != "cuda" else ["none", "model", "sequential"])
     steps = args.steps or (2 if quick else 20)
     vae_resolutions = args.vae_resolutions or ([2 * native] if quick else [native, 2 * native, 4 * native])
-    kinds = args.kinds or ["unet", "generate", "vae"]
+    kinds = list(args.kinds or ["unet", "generate", "vae"])
+    if args.roofline and "roofline" not in kinds:
+        kinds.insert(0, "roofline")
     impl = "both" if peer else "ours"
+    cl = bool(args.channels_last)
     cases: list[Case] = []
+    if "roofline" in kinds:
+        cases.extend(roofline_cases(precisions, device_type, resolutions[0]))
+    if "profile" in kinds:
+        for r in resolutions:
+            for p in precisions:
+                cases.append(Case("profile", impl, r, attention=attentions[0], precision=p))
     if "unet" in kinds:
         for r in resolutions:
             for p in precisions:
                 for a in attentions:
                     for b in unet_batches:
-                        cases.append(Case("unet", impl, r, batch=b, attention=a, precision=p))
+                        cases.append(Case("unet", impl, r, batch=b, attention=a, precision=p, compile=args.compile, channels_last=cl))
     if "generate" in kinds:
         for r in resolutions:
             for p in precisions:
@@ -709,13 +926,59 @@ def plan_cases(args: argparse.Namespace, device_type: str, peer: bool) -> list[C
                         if m > n:
                             continue
                         for o in offloads:
-                            cases.append(Case("generate", impl if o == "none" else "ours", r, n_samples=n, max_batch_size=m, steps=steps, attention=attentions[0], precision=p, offload=o))
+                            for c in ([False, True] if args.compile and o != "sequential" else [False]):
+                                cases.append(Case("generate", impl if o == "none" else "ours", r, n_samples=n, max_batch_size=m, steps=steps,
+                                                  attention=attentions[0], precision=p, offload=o, compile=c, channels_last=cl))
     if "vae" in kinds:
         for r in vae_resolutions:
             latent = r // 8
             tile = args.vae_tile or (64 if latent > 64 else max(2, latent // 2))
             overlap = args.vae_overlap if args.vae_overlap is not None else tile // 4
-            cases.append(Case("vae", impl, r, attention=attentions[0], precision=precisions[0], vae_mode="both", tile=tile, overlap=overlap))
+            cases.append(Case("vae", impl, r, attention=attentions[0], precision=precisions[0], vae_mode="both", tile=tile, overlap=overlap,
+                              compile=args.compile, channels_last=cl))
+    return cases
+
+
+def roofline_cases(precisions: Sequence[str], device_type: str, resolution: int) -> list[Case]:
+    """Roofline cases: float32, the planned precisions, and the half types the device runs natively (bf16 on a
+    CPU with AVX512-BF16 / AMX; fp16 and bf16 on CUDA)."""
+    from microbatch.devices import cpu_has_fast_bf16
+
+    wanted_p = ["fp32", *[p for p in precisions if p != "autocast"]]
+    if device_type == "cuda":
+        wanted_p += ["fp16", "bf16"]
+    elif device_type == "cpu" and cpu_has_fast_bf16():
+        wanted_p.append("bf16")
+    return [Case("roofline", "machine", resolution, precision=p) for p in dict.fromkeys(wanted_p)]
+
+
+def plan_gpu_cases(args: argparse.Namespace, peer: bool) -> list[Case]:
+    """`--cases gpu`: the GPU table in one command (fp16 unless --precision): the roofline; one guided UNet call
+    with sdpa (eager and compiled, both implementations), sliced and math; whole runs of 4 images at 512x512, 50
+    steps, micro-batches of 1 and 4, sdpa eager and compiled and sliced (time per image, time to first image,
+    sampling peak); a profile of one step; the VAE decode at 512 and 1024 (eager and compiled)."""
+    native = native_resolution(args.config or str(V1_CONFIG))
+    impl = "both" if peer else "ours"
+    p = (args.precision or ["fp16"])[0]
+    r = (args.resolutions or [native])[0]
+    steps = args.steps or 50
+    cl = bool(args.channels_last)
+    cases = roofline_cases([p], "cuda", r)
+    cases.append(Case("profile", impl, r, attention="sdpa", precision=p))
+    for b in args.batch or [1, 4]:
+        cases.append(Case("unet", impl, r, batch=b, attention="sdpa", precision=p, compile=True, channels_last=cl))
+        for a in ("sliced", "math"):
+            cases.append(Case("unet", impl, r, batch=b, attention=a, precision=p, channels_last=cl))
+    for n in args.n_samples or [4]:
+        for m in args.max_batch_size or [1, 4]:
+            if m > n:
+                continue
+            for a, c in (("sdpa", False), ("sdpa", True), ("sliced", False)):
+                cases.append(Case("generate", impl, r, n_samples=n, max_batch_size=m, steps=steps, attention=a, precision=p, compile=c, channels_last=cl))
+    for vr in args.vae_resolutions or [r, 2 * r]:
+        tile = args.vae_tile or (64 if vr // 8 > 64 else max(2, vr // 16))
+        overlap = args.vae_overlap if args.vae_overlap is not None else tile // 4
+        cases.append(Case("vae", impl, vr, attention="sdpa", precision=p, vae_mode="both", tile=tile, overlap=overlap, compile=True, channels_last=cl))
     return cases
 
 
@@ -747,6 +1010,45 @@ def write_tables(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_summary(rows: list[dict], out: Path) -> str:
+    """summary.md: the attainable rates, each unet / vae row's fraction of them, and the profile's time by
+    category (ours against diffusers). Returns its text ("" when no row has any of these)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    parts = []
+    best = [r for r in ok if r["kind"] == "roofline" and r.get("op") == "best"]
+    if best:
+        parts.append("| dtype | attainable GFLOP/s (best kernel) | best conv3x3 | best GEMM | kernel |\n|---|---|---|---|---|")
+        for r in best:
+            by_op = r.get("best_by_op") or {}
+            parts[-1] += f"\n| {r['dtype']} | {r['attainable_gflops_per_s']} | {by_op.get('conv3x3')} | {by_op.get('gemm')} | {r['shape']} {r['layout']} |"
+    frac = [r for r in ok if r.get("gflop") and r["kind"] in ("unet", "vae")]
+    if frac:
+        lines = ["| kind | impl | resolution | rows | precision | GFLOP per call | time s | GFLOP/s | fraction of limit | ratio vs diffusers | vs diffusers compiled |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in frac:
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['resolution']} | {r['rows']} | {r['precision']} | {r['gflop']} | {r['time_s']} | "
+                         f"{r['gflops_per_s']} | {r.get('fraction_of_limit')} | {r.get('time_ratio_vs_diffusers')} | {r.get('time_ratio_vs_diffusers_compiled')} |")
+        parts.append("\n".join(lines))
+    prof = [r for r in ok if r["kind"] == "profile"]
+    if prof:
+        from microbatch.roofline import CATEGORIES
+
+        head = " | ".join(f"{r['impl']} s (share)" for r in prof)
+        lines = [f"| category | {head} |", "|---" * (len(prof) + 1) + "|"]
+        for c in CATEGORIES:
+            cells = []
+            for r in prof:
+                total = sum(r["breakdown_s"].values()) or 1.0
+                cells.append(f"{r['breakdown_s'][c]:.2f} ({100 * r['breakdown_s'][c] / total:.1f}%)")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("| wall time of the call | " + " | ".join(f"{r['time_s']:.2f}" for r in prof) + " |")
+        parts.append("\n".join(lines))
+    text = "\n\n".join(parts)
+    if text:
+        (out / "summary.md").write_text(text + "\n")
+    return text
 
 
 # -- plots -------------------------------------------------------------------------------------------------------
@@ -878,8 +1180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=str, default=None, help="checkpoint (.ckpt / .safetensors); default: random weights")
     p.add_argument("--config", type=str, default=None, help="model yaml (default: the full-size SD v1 config)")
     p.add_argument("--random", action="store_true", help="random weights for --config (the default without --ckpt)")
-    p.add_argument("--cases", choices=["quick", "full"], default="quick", help="preset sweep; the flags below replace its values")
-    p.add_argument("--kinds", type=_names(("unet", "generate", "vae")), default=None, help="comma list of unet, generate, vae")
+    p.add_argument("--cases", choices=["quick", "full", "gpu"], default="quick",
+                   help="preset sweep; the flags below replace its values (gpu: the GPU table in one command, needs --device cuda)")
+    p.add_argument("--kinds", type=_names(KINDS), default=None, help="comma list of " + ", ".join(KINDS))
+    p.add_argument("--roofline", action="store_true", help="also measure the machine's attainable rate first (the roofline kind): "
+                   "unet and vae rows then give their fraction of it")
+    p.add_argument("--compile", action="store_true", help="unet / vae: compiled variants of both implementations beside the eager "
+                   "ones; generate: each case also compiled")
+    p.add_argument("--channels_last", action="store_true", help="weights and inputs in NHWC order (both implementations)")
     p.add_argument("--resolutions", type=_ints, default=None, help="comma list of image sides in pixels (unet, generate)")
     p.add_argument("--batch", type=_ints, default=None, help="unet: images per guided call (2 rows each)")
     p.add_argument("--n_samples", type=_ints, default=None, help="generate: images per run")
@@ -1006,7 +1314,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         device = parse_device(args.device)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not args.dry_run or args.device in ("auto", None):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # a plan for a machine that is not this one (e.g. --device cuda --dry_run on a CPU machine)
+        import torch
+
+        device = torch.device(args.device)
+        print(f"note: {e}; planning only", file=sys.stderr)
+    if args.cases == "gpu" and device.type != "cuda":
+        print("error: --cases gpu is the GPU table: use --device cuda (add --dry_run to see the plan here)", file=sys.stderr)
         return 2
     try:
         import diffusers  # noqa: F401
@@ -1031,14 +1348,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.perf_counter()
         new = run_case_subprocess(case, ctx, out, first_index + i, args.timeout)
         rows.extend(new)
+        for r in new:  # the limit later cases are a fraction of
+            if r.get("kind") == "roofline" and r.get("op") == "best" and r.get("status") == "ok":
+                ctx.attainable = {**(ctx.attainable or {}), r["dtype"]: r["attainable_gflops_per_s"]}
         write_tables(rows, out)
         summary = "; ".join(
             f"{r['impl']}: {r['status']} time {r.get('time_s')} s peak {r.get('peak_mb')} MB" + (f" ({r['error']})" if r.get("error") else "")
-            for r in new
-        )
+            for r in new if r.get("kind") != "roofline" or r.get("status") != "ok"
+        ) or "; ".join(f"attainable {r['attainable_gflops_per_s']} GFLOP/s {r['dtype']} ({r['shape']} {r['layout']})" for r in new if r.get("op") == "best")
         print(f"[{i + 1}/{len(cases)}] {case.kind} {case.resolution}px {case.attention} {case.precision} "
               f"b={case.batch} n={case.n_samples} mbs={case.max_batch_size} {case.vae_mode}: {summary} ({time.perf_counter() - start:.0f} s)", flush=True)
     plots = make_plots(rows, out)
+    summary = write_summary(rows, out)
+    if summary:
+        print(summary)
     print(f"wrote {out / 'results.csv'}, {out / 'results.json'} and {len(plots)} plots")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -102,3 +102,50 @@ def test_bad_arguments(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--attention", "flash9"])
     assert "not found" in capsys.readouterr().err
+
+
+def test_gpu_preset_plans_without_a_gpu(bench, capsys):
+    """`--cases gpu --device cuda --dry_run` plans the GPU table on a machine without one; running it needs CUDA."""
+    assert bench.main(["--cases", "gpu", "--device", "cuda", "--dry_run"]) == 0
+    printed = capsys.readouterr()
+    cases = bench.plan_cases(bench.build_parser().parse_args(["--cases", "gpu"]), "cuda", peer=True)
+    assert f"{len(cases)} cases on cuda" in printed.out
+    kinds = [c.kind for c in cases]
+    assert kinds[0] == "roofline" and {"profile", "unet", "generate", "vae"} <= set(kinds)
+    assert {c.precision for c in cases if c.kind == "roofline"} == {"fp32", "fp16", "bf16"}
+    gen = [c for c in cases if c.kind == "generate"]
+    assert all(c.precision == "fp16" and c.resolution == 512 and c.steps == 50 and c.n_samples == 4 for c in gen)
+    assert {(c.attention, c.compile) for c in gen} == {("sdpa", False), ("sdpa", True), ("sliced", False)}
+    assert {c.attention for c in cases if c.kind == "unet"} == {"sdpa", "sliced", "math"}
+    assert any(c.kind == "unet" and c.compile for c in cases)
+    if not torch.cuda.is_available():
+        assert bench.main(["--cases", "gpu", "--device", "cuda"]) == 2
+        assert bench.main(["--cases", "gpu", "--device", "cpu", "--dry_run"]) == 2
+
+
+def test_roofline_flags_plan_their_cases(bench):
+    args = bench.build_parser().parse_args(["--roofline", "--compile", "--kinds", "unet,generate", "--config", TINY])
+    cases = bench.plan_cases(args, "cpu", peer=True)
+    assert cases[0].kind == "roofline" and cases[0].precision == "fp32"
+    assert all(c.compile for c in cases if c.kind == "unet")
+    assert {c.compile for c in cases if c.kind == "generate"} == {False, True}
+
+
+def test_roofline_and_profile_cases_on_the_tiny_config(bench, tmp_path):
+    """In-process: the attainable rate of the tiny UNet's kernels, and a profiled call's time by category."""
+    pytest.importorskip("diffusers")
+    ctx = bench.Context(None, TINY, "cpu", 0, 0, 1)
+    rows = bench.run_case_here(bench.Case("roofline", "machine", 64, precision="fp32"), ctx)
+    best = rows[-1]
+    big = max(r["gflop"] for r in rows[:-1])
+    assert best["op"] == "best" and best["attainable_gflops_per_s"] == max(r["gflops_per_s"] for r in rows[:-1] if r["gflop"] >= 0.05 * big) > 0
+    assert {r["layout"] for r in rows if r["op"] == "conv3x3"} == {"contiguous", "channels_last"}
+    prof = bench.run_case_here(bench.Case("profile", "both", 64, precision="fp32"), ctx)
+    assert [r["impl"] for r in prof] == ["ours", "diffusers"]
+    for r in prof:
+        assert r["breakdown_s"]["convolution"] > 0 and r["breakdown_s"]["GEMM"] > 0
+        assert sum(r["breakdown_s"].values()) <= r["time_s"] * 1.05
+    for r in rows + prof:
+        r["status"] = "ok"
+    text = bench.write_summary(rows + prof, tmp_path)
+    assert "attainable GFLOP/s" in text and "| convolution |" in text and (tmp_path / "summary.md").read_text().strip() == text.strip()

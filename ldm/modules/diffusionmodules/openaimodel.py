@@ -38,14 +38,21 @@ class TimeEmbedding:
     (M = 1): the rows of concurrent requests at different noise levels may share a UNet call (the server's
     continuous batching), and an image's result must not depend on which other timesteps its call held. With an
     `adm` vector (SDXL) the distinct rows are the distinct (timestep, vector) pairs: a guided batch holds about two.
+
+    `index` None: `values` holds every row [B, C], each computed alone. This is the form used where finding the
+    distinct rows would cost a host synchronisation (torch.unique on a GPU waits for the device) or break a
+    compiled graph (its output size depends on the data); a batch of one timestep gives bit-identical values
+    either way.
     """
 
-    def __init__(self, values: torch.Tensor, index: torch.Tensor):
+    def __init__(self, values: torch.Tensor, index: Optional[torch.Tensor]):
         self.values = values
         self.index = index
 
     def map(self, fn) -> torch.Tensor:
-        """fn applied to each distinct row alone, expanded to the batch: [B, ...]."""
+        """fn applied to each distinct row alone, expanded to the batch: [B, ...] (index None: every row alone)."""
+        if self.index is None:
+            return rowwise(fn, self.values)
         return rowwise(fn, self.values)[self.index]
 
 
@@ -54,6 +61,13 @@ def rowwise(fn, rows: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] == 1:
         return fn(rows)
     return torch.cat([fn(rows[i : i + 1]) for i in range(rows.shape[0])])
+
+
+def _distinct_on_host(t: torch.Tensor) -> bool:
+    """Whether the distinct rows of `t` may be found with torch.unique: on the CPU, outside torch.compile (elsewhere
+    it synchronises with the device, or breaks the compiled graph, or has no meta kernel)."""
+    compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return t.device.type == "cpu" and not compiling()
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
@@ -348,10 +362,13 @@ class UNetModel(nn.Module):
                 f"the conditioning vector y must be given exactly when the UNet has a label embedding "
                 f"(num_classes {self.num_classes!r}); got y {None if y is None else tuple(y.shape)}"
             )
-        if y is None:
+        if y is None and _distinct_on_host(timesteps):
             distinct, index = torch.unique(timesteps, return_inverse=True)
             embed = lambda t: self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # noqa: E731
             emb = TimeEmbedding(rowwise(embed, distinct), index)
+        elif y is None:
+            rows = [self.time_embed(timestep_embedding(timesteps[i : i + 1], self.model_channels).to(dtype)) for i in range(timesteps.shape[0])]
+            emb = TimeEmbedding(torch.cat(rows), None)
         else:
             emb = self._time_and_label_embedding(timesteps, y, dtype)
         if context is not None:
@@ -392,6 +409,12 @@ class UNetModel(nn.Module):
         if y.dim() != 2 or y.shape[0] != timesteps.shape[0] or y.shape[1] != self.adm_in_channels:
             raise ValueError(f"y must be [B={timesteps.shape[0]}, {self.adm_in_channels}], got {tuple(y.shape)}")
         rows = torch.cat([timesteps[:, None].to(torch.float64), y.to(torch.float64)], dim=1)
+        if not _distinct_on_host(rows):
+            per_row = [
+                self.time_embed(timestep_embedding(rows[i : i + 1, 0], self.model_channels).to(dtype)) + self.label_emb(rows[i : i + 1, 1:].to(dtype))
+                for i in range(rows.shape[0])
+            ]
+            return TimeEmbedding(torch.cat(per_row), None)
         distinct, index = torch.unique(rows, dim=0, return_inverse=True)
 
         def embed(row: torch.Tensor) -> torch.Tensor:

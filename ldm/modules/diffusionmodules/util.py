@@ -118,6 +118,11 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def _compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(fn())
+
+
 class RowwiseConv2d(nn.Conv2d):
     """nn.Conv2d that, without gradients, convolves one batch row at a time, so an image's result never depends
     on its batch.
@@ -136,14 +141,18 @@ class RowwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Training (gradients on) keeps the batched kernel: only inference results must not depend on the batch.
-        if x.dim() != 4 or x.shape[0] == 0 or torch.is_grad_enabled() or x.device.type != "cpu":
+        # Under torch.compile (--compile) too: compiled results equal eager ones only up to float rounding anyway,
+        # and one batched convolution is what the compiler fuses and schedules best.
+        if x.dim() != 4 or x.shape[0] <= 1 or torch.is_grad_enabled() or x.device.type != "cpu" or _compiling():
             return super().forward(x)
         if x.shape[0] == 1:
             # in the layout a batch's output has (contiguous): oneDNN may return channels-last, and the next
             # GroupNorm picks its algorithm by layout, so one row would not match the same row of a batch
             return super().forward(x).contiguous()
         first = super().forward(x[:1])
-        out = first.new_empty((x.shape[0], *first.shape[1:]))
+        # keep the layout the convolution chose (NHWC with --channels_last), so that no copy converts it back
+        fmt = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous() else torch.contiguous_format
+        out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=fmt)
         out[:1] = first
         for i in range(1, x.shape[0]):
             out[i : i + 1] = super().forward(x[i : i + 1])
