@@ -100,3 +100,46 @@ def test_sdxl_plans(bench, capsys):
     assert "use --device cuda" in capsys.readouterr().err
     assert bench.main(["--config", TINY_SDXL, "--kinds", "unet,vae", "--dry_run", "--device", "cpu"]) == 2
     assert "--kinds unet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_groupnorm32_upcast_in_blocks_is_exact_and_smaller(threads):
+    """GroupNorm32 upcasts a half input a block of groups at a time on the CPU: the same bits as the whole
+    upcast (NCHW and channels-last, bf16 and fp16), and a lower peak than two float32 copies of the input."""
+    from ldm.modules.diffusionmodules.util import GroupNorm32
+    from microbatch.memory import PeakMemory
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for dtype in (torch.bfloat16, torch.float16):
+            norm = GroupNorm32(32, 192).to(dtype)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(192, generator=g) * 0.5 + 1)
+                norm.bias.copy_(torch.randn(192, generator=g) * 0.1)
+            for channels_last in (False, True):
+                x = (torch.randn(2, 192, 24, 24, generator=g) * 3 + 1).to(dtype)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():
+                    norm.upcast_bytes = 2**40
+                    whole = norm(x)
+                    norm.upcast_bytes = 20_000  # 4 groups (2 x 6 x 576 x 4 bytes = 27.6 kB each): 8 blocks
+                    blocks = norm(x)
+                assert torch.equal(whole, blocks) and blocks.dtype == dtype
+                assert blocks.is_contiguous(memory_format=torch.channels_last) == channels_last
+                reference = torch.nn.functional.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+                assert (blocks.double() - reference).abs().max() < 0.05
+        x = torch.randn(2, 192, 64, 64, generator=g).to(torch.bfloat16)
+        peaks = {}
+        for budget in (2**40, 2**20):
+            norm.upcast_bytes = budget
+            with torch.no_grad(), PeakMemory(torch.device("cpu")) as meter:
+                norm.to(torch.bfloat16)(x)
+            peaks[budget] = meter.transient_bytes
+        size = x.numel() * 2
+        assert peaks[2**40] >= 3.9 * size  # two float32 copies (the upcast input and the output)
+        assert peaks[2**20] <= size + 3 * 2**20  # bf16 output + one block's float32 copies
+    finally:
+        torch.set_num_threads(previous)
