@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 V1_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+SDXL_CONFIG = REPO / "configs" / "sdxl" / "sd_xl_base.yaml"
 PROMPT = "a photograph of an astronaut riding a horse"
 
 COLUMNS = [
@@ -120,9 +121,10 @@ def params_on_meta():
         nn.Module.register_parameter = real
 
 
-def fill_random_(module: Any, seed: int = 0, gain: float = 0.5) -> Any:
+def fill_random_(module: Any, seed: int = 0, gain: float = 0.5, dtype: Any = None) -> Any:
     """Materialise meta parameters with deterministic random values: matrices and kernels N(0, gain^2 / fan_in)
-    (activations keep their scale through the residual stacks), norm scales 1, biases N(0, 0.02^2)."""
+    (activations keep their scale through the residual stacks), norm scales 1, biases N(0, 0.02^2). Drawn in
+    float32, then stored as `dtype` one parameter at a time (default float32)."""
     import torch
     from torch import nn
 
@@ -138,7 +140,7 @@ def fill_random_(module: Any, seed: int = 0, gain: float = 0.5) -> Any:
                 t.fill_(1.0)
             else:
                 t.normal_(0.0, 0.02, generator=g)
-            owner._parameters[name] = nn.Parameter(t, requires_grad=False)
+            owner._parameters[name] = nn.Parameter(t if dtype is None else t.to(dtype), requires_grad=False)
     return module
 
 
@@ -873,6 +875,181 @@ def run_case_here(case: Case, ctx: Context) -> list[dict]:
     return rows
 
 
+# -- SDXL --------------------------------------------------------------------------------------------------------
+
+SDXL_PRESETS = ("sdxl", "gpu-sdxl")
+# The published sampling's micro-conditioning at a square size r, per conditioner input key (sgm's defaults; the
+# refiner's aesthetic score 6.0).
+SDXL_TIME_IDS = {
+    "original_size_as_tuple": lambda r: [r, r], "crop_coords_top_left": lambda r: [0, 0],
+    "target_size_as_tuple": lambda r: [r, r], "aesthetic_score": lambda r: [6.0],
+}
+
+
+def is_sdxl_config(config: Optional[str]) -> bool:
+    """An sgm DiffusionEngine config (SDXL base or refiner): its UNet is `network_config`, not `unet_config`."""
+    if not config or not Path(config).is_file():
+        return False
+    from omegaconf import OmegaConf
+
+    return "network_config" in (OmegaConf.load(config).model.get("params") or {})
+
+
+def build_sdxl_unet(ctx: Context, dtype: Any) -> Any:
+    """Our SDXL UNet (`model.diffusion_model` of the DiffusionEngine) in `dtype` on the CPU: from --ckpt (through
+    the scripts' loader; the rest of the model is dropped), or random weights drawn one parameter at a time, so
+    that the full-size UNet (2.57 G parameters) never exists in float32."""
+    import torch
+
+    from ldm.util import instantiate_from_config
+
+    if ctx.ckpt:
+        from microbatch.devices import Dtypes
+        from microbatch.loading import load_model
+
+        loaded = load_model(Path(ctx.ckpt), Path(ctx.config) if ctx.config else None, torch.device("cpu"), Dtypes(dtype, dtype, torch.float32))
+        ctx.config = str(loaded.config_path)
+        unet = loaded.model.model.diffusion_model
+    else:
+        with params_on_meta():
+            unet = instantiate_from_config(_config(ctx).model.params.network_config)
+        unet = fill_random_(unet, ctx.seed, dtype=dtype)
+    if getattr(unet, "num_classes", None) is None:
+        raise ValueError(f"{ctx.ckpt or ctx.config} is not an SDXL model (its UNet has no label embedding)")
+    return unet.to(dtype).requires_grad_(False).eval()
+
+
+def sdxl_time_ids(ctx: Context, resolution: int) -> tuple[list[float], int]:
+    """(one row of diffusers' add_time_ids, the embedding width per number): the conditioner's
+    ConcatTimestepEmbedderND inputs in its order, at the published defaults for a square image."""
+    ids, outdim = [], None
+    for spec in _config(ctx).model.params.conditioner_config.params.emb_models:
+        if str(spec.target).endswith("ConcatTimestepEmbedderND"):
+            ids += SDXL_TIME_IDS[spec.input_key](resolution)
+            outdim = int(spec.params.outdim)
+    if outdim is None:
+        raise ValueError(f"{ctx.config}: no ConcatTimestepEmbedderND in the conditioner")
+    return [float(v) for v in ids], outdim
+
+
+def diffusers_sdxl_unet(ctx: Context, unet: Any, time_embed_dim: int) -> Any:
+    """diffusers' UNet2DConditionModel with SDXL's "text_time" added conditioning, holding our UNet's weights
+    through diffusers' single-file converter (assigned, so the two share the weights' storage)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(_config(ctx), resolve=True)
+    sd = _ldm_state_dict(unet, "model.diffusion_model.")
+    cfg = sfu.create_unet_diffusers_config_from_ldm(container, sd)
+    # diffusers recognises the added conditioning by the full-size context widths (2048 / 1280) only
+    cfg.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**cfg)
+    theirs.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, cfg), strict=True, assign=True)
+    return theirs.requires_grad_(False).eval()
+
+
+def run_sdxl_unet_case(case: Case, ctx: Context) -> list[dict]:
+    """One guided SDXL UNet call at t = 500: x [2B, 4, r/8, r/8], rows [uncond x B, cond x B]; the uncond rows
+    have zero text (context and pooled embedding, the published `force_zero_embeddings`), the cond rows random
+    ones. Ours takes y [2B, adm] = [pooled, sinusoidal embedding of the time ids]; diffusers takes the same as
+    added_cond_kwargs {"text_embeds": pooled, "time_ids": [2B, 6]} and builds the same y inside."""
+    import torch
+
+    from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    device = torch.device(ctx.device)
+    dtype = dtype_of(case.precision, device)
+    unet = build_sdxl_unet(ctx, dtype)
+    ids, outdim = sdxl_time_ids(ctx, case.resolution)
+    theirs = diffusers_sdxl_unet(ctx, unet, outdim) if "diffusers" in wanted(case) else None
+    g = torch.Generator().manual_seed(ctx.seed + 1)
+    rows, side = 2 * case.batch, case.resolution // 8
+    pooled_dim = unet.adm_in_channels - len(ids) * outdim
+    x = torch.randn(rows, unet.in_channels, side, side, generator=g)
+    context = torch.randn(rows, 77, unet.context_dim, generator=g)
+    text_embeds = torch.randn(rows, pooled_dim, generator=g)
+    context[: case.batch] = 0
+    text_embeds[: case.batch] = 0
+    time_ids = torch.tensor([ids] * rows)
+    y = torch.cat([text_embeds, timestep_embedding(time_ids.flatten(), outdim).reshape(rows, -1)], dim=1)
+    x, context, text_embeds, y = (v.to(device, dtype) for v in (x, context, text_embeds, y))
+    added = {"text_embeds": text_embeds, "time_ids": time_ids.to(device)}
+    t = torch.full((rows,), 500, device=device)
+    cpu_seconds: dict[str, list[float]] = {}
+
+    def on_cpu_clock(name: str, fn: Callable[[], Any]) -> Callable[[], tuple[Any, None]]:
+        # The process's CPU seconds per call beside the wall clock: on a shared machine the wall clock also counts
+        # the time spent waiting for a core, the CPU clock only the work (all threads summed).
+        def run() -> tuple[Any, None]:
+            start = time.process_time()
+            out = fn()
+            cpu_seconds.setdefault(name, []).append(time.process_time() - start)
+            return out, None
+
+        return run
+
+    impls: dict[str, Impl] = {}
+    if "ours" in wanted(case):
+        unet.to(device=device, dtype=dtype)
+        set_attention_backend(unet, AttentionBackend(case.attention))
+        run_ours = on_cpu_clock("ours", lambda: unet(x, t, context=context, y=y))
+        impls["ours"] = Impl(run_ours, module_bytes(unet), probe=lambda: AttentionProbe(unet, device))
+    if theirs is not None:
+        theirs.to(device=device, dtype=dtype)
+        set_diffusers_attention(theirs, case.attention)
+        run_theirs = on_cpu_clock("diffusers", lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample)
+        impls["diffusers"] = Impl(run_theirs, module_bytes(theirs))
+    stats = measure(impls, ctx, device)
+    out = rows_from(case, ctx, device, impls, stats, case.batch, rows=rows)
+    for row in out:
+        # calls in order: the measured (profiled) one, `warmup` untimed ones, `repeats` timed ones
+        calls = cpu_seconds[row["impl"]]
+        timed_calls = calls[len(calls) - ctx.repeats :] if ctx.repeats else calls[:1]
+        row.update(cpu_s=round(statistics.median(timed_calls), 4), cpu_times_s=[round(c, 4) for c in timed_calls])
+    return out
+
+
+RUNNERS["sdxl_unet"] = run_sdxl_unet_case
+
+
+def plan_sdxl_cases(args: argparse.Namespace, device_type: str, peer: bool) -> list[Case]:
+    """SDXL cases (an SDXL --config, or --cases sdxl / gpu-sdxl): one guided UNet call per resolution, precision,
+    attention and batch; default 1 image at the config's native size (1024 for the published one) with SDPA, in
+    bf16 on a CPU with native bf16 (else fp32) and fp16 on CUDA. gpu-sdxl is the GPU plan: fp16, SDPA, needs
+    --device cuda (--dry_run shows it anywhere)."""
+    from omegaconf import OmegaConf
+
+    from microbatch.devices import cpu_has_fast_bf16
+
+    kinds = args.kinds or ["unet"]
+    if kinds != ["unet"]:
+        raise ValueError(f"the SDXL benchmark times UNet calls only (--kinds unet), got --kinds {','.join(kinds)}")
+    gpu = args.cases == "gpu-sdxl"
+    if gpu and device_type != "cuda" and not args.dry_run:
+        raise ValueError(f"--cases gpu-sdxl is the CUDA plan: use --device cuda (this device is {device_type}; --dry_run shows the plan)")
+    if gpu and device_type != "cuda":
+        print(f"note: --cases gpu-sdxl is planned for --device cuda; shown here on {device_type} (dry run)")
+    if gpu or device_type == "cuda":
+        half = "fp16"
+    else:
+        half = "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    native = 1024
+    if args.config and Path(args.config).is_file():
+        native = int(OmegaConf.load(args.config).model.params.get("image_size", 128)) * 8
+    impl = "both" if peer else "ours"
+    return [
+        Case("sdxl_unet", impl, r, batch=b, attention=a, precision=p)
+        for r in args.resolutions or [native]
+        for p in args.precision or [half]
+        for a in args.attention or ["sdpa"]
+        for b in args.batch or [1]
+    ]
+
+
 # -- planning, subprocesses, tables ------------------------------------------------------------------------------
 
 
@@ -1180,8 +1357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=str, default=None, help="checkpoint (.ckpt / .safetensors); default: random weights")
     p.add_argument("--config", type=str, default=None, help="model yaml (default: the full-size SD v1 config)")
     p.add_argument("--random", action="store_true", help="random weights for --config (the default without --ckpt)")
-    p.add_argument("--cases", choices=["quick", "full", "gpu"], default="quick",
-                   help="preset sweep; the flags below replace its values (gpu: the GPU table in one command, needs --device cuda)")
+    p.add_argument("--cases", choices=["quick", "full", "gpu", *SDXL_PRESETS], default="quick",
+                   help="preset sweep; the flags below replace its values (gpu: the GPU table in one command, needs --device cuda; "
+                        "sdxl: one guided SDXL UNet call at 1024x1024 on this device; gpu-sdxl: the same in fp16 with SDPA on "
+                        "CUDA; both default to --config configs/sdxl/sd_xl_base.yaml)")
     p.add_argument("--kinds", type=_names(KINDS), default=None, help="comma list of " + ", ".join(KINDS))
     p.add_argument("--roofline", action="store_true", help="also measure the machine's attainable rate first (the roofline kind): "
                    "unet and vae rows then give their fraction of it")
@@ -1304,7 +1483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --random and --ckpt exclude each other", file=sys.stderr)
         return 2
     if args.config is None and not args.ckpt:
-        args.config = str(V1_CONFIG)
+        args.config = str(SDXL_CONFIG if args.cases in SDXL_PRESETS else V1_CONFIG)
     if args.config is not None and not Path(args.config).is_file():
         print(f"error: config not found: {args.config}", file=sys.stderr)
         return 2
@@ -1331,7 +1510,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         peer = not args.no_diffusers
     except ImportError:
         peer = False
-    cases = plan_cases(args, device.type, peer)
+    sdxl = args.cases in SDXL_PRESETS or is_sdxl_config(args.config)
+    try:
+        cases = plan_sdxl_cases(args, device.type, peer) if sdxl else plan_cases(args, device.type, peer)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     config = str(Path(args.config).resolve()) if args.config else None
     ctx = Context(args.ckpt, config, str(device), args.repeats, args.warmup, args.threads, args.seed)
     out = Path(args.out)
