@@ -225,7 +225,9 @@ def text_encoders(model: Any) -> list[tuple[LongPromptEncoder, Optional[str]]]:
     """The model's text encoders that take embeddings, each with the part of an SDXL file it takes: SD 1.x / 2.x
     [(encoder, None)]; SDXL base [(CLIP ViT-L, "clip_l"), (OpenCLIP bigG, "clip_g")], the refiner [(bigG,
     "clip_g")], as the web UI. One-line ValueError for other encoders."""
-    if hasattr(model, "conditioner") and hasattr(model, "conditioning_batch"):
+    from microbatch.prompts import is_sdxl
+
+    if is_sdxl(model):
         found = []
         for embedder in model.conditioner.embedders:
             if isinstance(embedder, LongPromptEncoder):

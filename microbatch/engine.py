@@ -50,6 +50,7 @@ from microbatch.prompts import (
     get_learned_conditioning,
     get_learned_conditioning_sdxl,
     get_multicond_prompt_list,
+    is_sdxl,
     stack_conds,
 )
 from sgm.models.diffusion import DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE
@@ -77,11 +78,6 @@ class MicroConditioning:
     crop_coords: tuple[int, int]
     target_size: tuple[int, int]
     aesthetic_score: float
-
-
-def is_sdxl(model: Any) -> bool:
-    """Whether `model` is an SDXL DiffusionEngine (dict conditioning from a GeneralConditioner)."""
-    return hasattr(model, "conditioner") and hasattr(model, "conditioning_batch")
 
 
 def zeroes_empty_negative(model: Any) -> bool:

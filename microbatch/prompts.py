@@ -411,7 +411,7 @@ def get_learned_conditioning(
             are plain text).
     """
     check_emphasis(emphasis)
-    if _is_sdxl(model):
+    if is_sdxl(model):
         return get_learned_conditioning_sdxl(model, prompts, steps, clip_skip, hires_steps, use_old_scheduling, emphasis)
     encoder = _text_encoder(model)
     schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
@@ -434,7 +434,8 @@ def get_learned_conditioning(
     return [list(results[p]) for p in prompts]
 
 
-def _is_sdxl(model: Any) -> bool:
+def is_sdxl(model: Any) -> bool:
+    """Whether `model` is an SDXL DiffusionEngine (dict conditioning from a GeneralConditioner)."""
     return hasattr(model, "conditioner") and hasattr(model, "conditioning_batch")
 
 
