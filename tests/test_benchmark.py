@@ -2,31 +2,21 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.script_utils import REPO
+from tests.script_utils import REPO, registered_script
 
 TINY = str(REPO / "configs" / "tiny" / "tiny-v1.yaml")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # Registered in sys.modules while loaded: the script's dataclasses look their module up there.
-    name = "script_benchmark"
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
+    with registered_script("benchmark", "script_benchmark") as module:
         yield module
-    finally:
-        sys.modules.pop(name, None)
 
 
 def test_quick_benchmark_on_the_tiny_config_writes_tables_and_plots(bench, tmp_path):

@@ -2,14 +2,12 @@
 (SDXL "text_time" added conditioning) on the same weights, and the SDXL plans (CPU, gpu-sdxl)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
-from tests.script_utils import REPO
+from tests.script_utils import REPO, registered_script
 
 TINY_SDXL = str(REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -17,15 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 @pytest.fixture(scope="module")
 def bench():
-    name = "script_benchmark_sdxl"
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
+    with registered_script("benchmark", "script_benchmark_sdxl") as module:
         yield module
-    finally:
-        sys.modules.pop(name, None)
 
 
 def test_sdxl_case_end_to_end_on_the_tiny_config(bench, tmp_path):
