@@ -33,7 +33,7 @@ from microbatch.job import item_path, job_settings
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, file_hash, find_vae_beside, load_model
 from microbatch.parameters import FLAG_OF, HIRES_FIELDS, lora_hash_notes, read_png_settings, ti_hash_notes
 from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
-from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, prepare_job, rank_device, run_job, set_cpu_threads
+from microbatch.runner import JobStopped, Rank, gather, init_rank, job_metrics, launched_by_torchrun, leave_rank_process, prepare_job, rank_device, run_job, set_cpu_threads
 from microbatch.request import GenerationRequest, ModelOptions, UsageError, read_prompt_file
 from microbatch.vae_tiling import TileSettings
 from samplers import SAMPLERS, SCHEDULES
@@ -675,9 +675,12 @@ def main_for(mode: Mode, description: Optional[str] = None, argv: Optional[Seque
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        return run(args, mode, explicit_flags(mode, argv))
+        code = run(args, mode, explicit_flags(mode, argv))
     except BaseException as e:  # noqa: BLE001 - reported by exit_code_for, which re-raises SystemExit
-        return exit_code_for(e, args.verbose)
+        code = exit_code_for(e, args.verbose)
+    if launched_by_torchrun():
+        leave_rank_process(code)
+    return code
 
 
 def exit_code_for(error: BaseException, verbose: bool) -> int:

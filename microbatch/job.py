@@ -14,6 +14,7 @@ that already holds a job.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -21,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from microbatch.engine import ImageJob
 from microbatch.loading import file_sha256
@@ -88,25 +89,45 @@ class Manifest:
         self.outdir = outdir
         self.path = outdir / MANIFEST
 
-    def append(self, line: ManifestLine) -> None:
-        data = (json.dumps(dataclasses.asdict(line), ensure_ascii=False) + "\n").encode("utf-8")
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        """The manifest's file descriptor (opened for appending), held under its exclusive lock."""
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                # A writer killed mid-line leaves a torn line; start ours on a line of its own.
-                size = os.fstat(fd).st_size
-                if size:
-                    with open(self.path, "rb") as f:
-                        f.seek(size - 1)
-                        if f.read(1) != b"\n":
-                            data = b"\n" + data
-                os.write(fd, data)
-                os.fsync(fd)
+                yield fd
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def append(self, line: ManifestLine, revoked: Optional[Path] = None) -> bool:
+        """Append `line`; False (nothing written) when the file `revoked` exists: the writer's micro-batch was given to
+        another (see `revoke`)."""
+        data = (json.dumps(dataclasses.asdict(line), ensure_ascii=False) + "\n").encode("utf-8")
+        with self._locked() as fd:
+            if revoked is not None and revoked.exists():
+                return False
+            # A writer killed mid-line leaves a torn line; start ours on a line of its own.
+            size = os.fstat(fd).st_size
+            if size:
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        data = b"\n" + data
+            os.write(fd, data)
+            os.fsync(fd)
+            return True
+
+    def revoke(self, revoked: Path, items: Iterable[ImageJob]) -> list[ImageJob]:
+        """Fence a writer that may still be alive (a Ray actor reported dead, its process not yet gone): under the
+        lock, create `revoked` (the writer's later appends are refused) and return the `items` it has not recorded.
+        Each item is then recorded once: by that writer before the fence, or by whoever redoes it after."""
+        with self._locked():
+            revoked.parent.mkdir(parents=True, exist_ok=True)
+            revoked.touch()
+            return items_to_do(self.outdir, items)[0]
 
     def lines(self) -> list[ManifestLine]:
         if not self.path.is_file():

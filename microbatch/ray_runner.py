@@ -16,13 +16,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
 from microbatch.engine import ImageJob
-from microbatch.job import items_to_do
+from microbatch.job import Manifest
 from microbatch.request import GenerationRequest, ModelOptions, UsageError
 from microbatch.runner import RankReport
 
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 INSTALL = 'pip install -e ".[ray]"'
 # Replacement actors started for dead ones before the job gives up.
 MAX_RESTARTS = 3
+# Under the outdir while a Ray job runs: one empty file per micro-batch taken from a dead actor.
+REVOKED_DIR = ".revoked"
 
 
 def import_ray() -> Any:
@@ -60,11 +64,11 @@ class Worker:
             return self.pipeline.measure_batch_size(request)
         return self.pipeline.plan(request, jobs=jobs).settings.max_batch_size
 
-    def make(self, request: GenerationRequest, outdir: str, jobs: list[ImageJob]) -> RankReport:
+    def make(self, request: GenerationRequest, outdir: str, jobs: list[ImageJob], lease: str) -> RankReport:
         from microbatch.runner import Rank, run_job
 
         rank = Rank()
-        report = run_job(self.pipeline, rank, request, Path(outdir), jobs)
+        report = run_job(self.pipeline, rank, request, Path(outdir), jobs, revoked=revoked_path(Path(outdir), lease))
         report.name = self.name
         return report
 
@@ -75,6 +79,11 @@ class Worker:
 def actor_name(worker: str) -> str:
     """The Ray actor name of a worker of this driver (`ray.get_actor(actor_name("worker0"))`): for monitoring tools."""
     return f"microbatch-{os.getpid()}-{worker}"
+
+
+def revoked_path(outdir: Path, lease: str) -> Path:
+    """The file whose existence tells the worker running micro-batch `lease` that its items went to another worker."""
+    return outdir / REVOKED_DIR / lease
 
 
 def connect(address: str, workers: int) -> Any:
@@ -128,7 +137,7 @@ def run_ray_job(
     job_start = time.perf_counter()
     run_request = dataclasses.replace(request, max_batch_size=batch)
     pending = deque(todo[i : i + batch] for i in range(0, len(todo), batch))
-    in_flight: dict[Any, tuple[str, list[ImageJob], float]] = {}
+    in_flight: dict[Any, tuple[str, list[ImageJob], float, str]] = {}
     restarts = 0
     cancelled = False
     while pending or in_flight:
@@ -142,12 +151,13 @@ def run_ray_job(
             if not pending:
                 break
             jobs = pending.popleft()
-            in_flight[actors[name].make.remote(run_request, str(outdir), jobs)] = (name, jobs, time.perf_counter() - job_start)
+            lease = uuid.uuid4().hex
+            in_flight[actors[name].make.remote(run_request, str(outdir), jobs, lease)] = (name, jobs, time.perf_counter() - job_start, lease)
         if not in_flight:
             break
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
         for ref in done:
-            name, jobs, submitted = in_flight.pop(ref)
+            name, jobs, submitted, lease = in_flight.pop(ref)
             try:
                 report = _get(ray, ref)
             except ray.exceptions.RayActorError as e:
@@ -155,8 +165,9 @@ def run_ray_job(
                 restarts += 1
                 if restarts > MAX_RESTARTS:
                     raise RuntimeError(f"Ray workers died {restarts} times (last: {name}: {e}); --resume completes the job") from None
-                # What it finished before dying is in the manifest: only the rest goes back.
-                left, _, _ = items_to_do(outdir, jobs)
+                # What it finished before dying is in the manifest: only the rest goes back. Ray can report the
+                # death before the process is gone; the fence keeps it from recording an item given to another.
+                left = Manifest(outdir).revoke(revoked_path(outdir, lease), jobs)
                 on_note(f"note: Ray {name} died; {len(left)} of its {len(jobs)} images go to another worker")
                 actors.pop(name, None)
                 if left:
@@ -174,6 +185,8 @@ def run_ray_job(
             if merged.first_image_s is None and report.first_image_s is not None:
                 merged.first_image_s = submitted + report.first_image_s
     wall = time.perf_counter() - job_start
+    # The fences outlive the dead actors' processes (Ray has long ended them by now).
+    shutil.rmtree(outdir / REVOKED_DIR, ignore_errors=True)
     for report in reports.values():
         report.wall_s = wall
     return list(reports.values()), load_s

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 
@@ -64,6 +65,20 @@ class Rank:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def leave_rank_process(code: int) -> NoReturn:
+    """End a torchrun rank's process with `code` once its work is recorded and its process group destroyed, without
+    the interpreter's teardown: there, torch's process-group objects (threads included) are destroyed with the
+    interpreter, which once aborted a rank whose job had finished (SIGABRT, "terminate called without an active
+    exception", seen in CI after a restarted job), and torchrun then reports the finished job as failed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def init_rank(timeout_s: float = 1800.0) -> Rank:
@@ -213,11 +228,13 @@ def run_job(
     callback: Optional[Callable] = None,
     save_images: bool = True,
     should_stop: Optional[Callable[[], bool]] = None,
+    revoked: Optional[Path] = None,
 ) -> RankReport:
     """Claim micro-batches of `todo` until none is left (or the pipeline is cancelled), saving each image under its
     item's name and appending its manifest line (`save_images` False: neither, for speed measurements).
     `should_stop()` is asked before each claim: a stop request (a signal) that arrives between two micro-batches,
-    when no `generate` call is running to cancel, still ends the job."""
+    when no `generate` call is running to cancel, still ends the job. Once the file `revoked` exists (the driver
+    gave this call's items to another worker) no more manifest lines are appended."""
     samples = outdir / "samples"
     manifest = Manifest(outdir)
     batch = request.max_batch_size
@@ -237,7 +254,7 @@ def run_job(
             path = save_png_atomic(image.array, samples, image.job.index, SAMPLE_NAME, text={"parameters": image.parameters}, replace=True)
             job = image.job
             line = ManifestLine(job.index, job.prompt, job.negative_prompt, job.seed, f"samples/{path.name}", file_sha256(path), rank.name, round(time.perf_counter() - last, 4))
-            manifest.append(line)
+            manifest.append(line, revoked)
         now = time.perf_counter()
         last = now
         if report.first_image_s is None:

@@ -52,6 +52,28 @@ def test_files_are_named_by_item_and_recorded(single):
     assert job["request"]["prompt"] == "a cat" and "max_batch_size" not in job["request"]
 
 
+def test_a_revoked_writer_records_nothing_and_the_rest_goes_back(single):
+    """The fence for a worker reported dead whose process still runs: what it recorded before the fence stays done,
+    its appends after the fence are refused, so each item ends up recorded once (by it or by its replacement)."""
+    from microbatch.engine import ImageJob
+    from microbatch.job import Manifest, ManifestLine
+
+    book = Manifest(single)
+    lines = {line.index: line for line in book.lines()}
+    # Items 5 and 6 were not recorded yet when the worker "died".
+    kept = [line for line in book.path.read_text().splitlines() if json.loads(line)["index"] not in (5, 6)]
+    book.path.write_text("\n".join(kept) + "\n")
+    jobs = [ImageJob(i, "a cat", 42 + i) for i in (4, 5, 6)]
+    lease = single / ".revoked" / "batch"
+    assert book.append(lines[5], lease) is True  # before the fence: recorded, so not redone
+    left = book.revoke(lease, jobs)
+    assert [job.index for job in left] == [6] and lease.is_file()
+    assert book.append(lines[6], lease) is False  # the dead worker, after the fence
+    assert sorted(line.index for line in book.lines()) == list(range(6))
+    assert book.append(lines[6]) is True  # its replacement
+    assert sorted(line.index for line in book.lines()) == list(range(7))
+
+
 def test_rerun_needs_resume_and_resume_redoes_only_damaged_items(single, tiny_ckpt, capsys):
     batch_gen = load_script("batch_gen")
     before = pixels(single)
