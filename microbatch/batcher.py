@@ -10,8 +10,9 @@ the outputs are split back and every participant goes on with its own sampler st
 while a round runs joins the next one (it enters at a step boundary).
 
 Guidance, the sigma -> t map and the sampler's state stay in each participant's thread: rows only meet inside the
-UNet, and each row carries its own timestep. On the CPU the UNet is batch-invariant (`RowwiseConv2d`; GEMMs, group
-norm and attention are row-independent), so an image is the same bit for bit whichever rows shared its calls.
+UNet, and each row carries its own timestep. On the CPU the UNet is batch-invariant (`RowwiseConv2d`,
+`RowwiseLinear`: one image per convolution and per product; group norm and attention are row-independent), so an
+image is the same bit for bit whichever rows shared its calls.
 
 Faults: a call that runs out of memory is split in halves and retried (the smaller size is kept for later calls
 of that shape), so no row is lost; any other error goes to the participants whose rows were in that call. A

@@ -79,6 +79,38 @@ def test_rowwise_conv_matches_a_plain_conv_row_by_row():
         assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5)
 
 
+def test_rowwise_linear_matches_plain_products_image_by_image():
+    """At the full-size v1 UNet's feed-forward shape (K = 5120 -> 1280, 256 tokens per image) the BLAS gave one
+    image 2.2e-8 apart between batches of 2 and 4 rows; one product per image makes them equal."""
+    from ldm.modules.diffusionmodules.util import RowwiseLinear, linear
+
+    layer = linear(5120, 1280)
+    assert isinstance(layer, RowwiseLinear) and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(4, 256, 5120, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = [layer(x[i : i + 1]) for i in range(4)]
+        for batch in (2, 3, 4):
+            assert torch.equal(layer(x[:batch]), torch.cat(alone[:batch])), f"batch {batch}"
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        vectors = torch.randn(5, 5120, generator=torch.Generator().manual_seed(1))  # [U, C]: one product per row
+        assert torch.equal(layer(vectors), torch.cat([layer(vectors[i : i + 1]) for i in range(5)]))
+
+
+def test_every_unet_linear_and_conv_is_batch_invariant():
+    from omegaconf import OmegaConf
+
+    from ldm.modules.diffusionmodules.util import RowwiseConv2d, RowwiseLinear
+    from ldm.util import instantiate_from_config
+
+    for config in ("configs/stable-diffusion/v1-inference.yaml", "configs/sdxl/sd_xl_base.yaml"):
+        cfg = OmegaConf.load(REPO / config)
+        unet_cfg = cfg.model.params.get("unet_config") or cfg.model.params.network_config
+        with torch.device("meta"):
+            unet = instantiate_from_config(unet_cfg)
+        kinds = {type(m).__name__ for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        assert kinds == {RowwiseLinear.__name__, RowwiseConv2d.__name__}, (config, kinds)
+
+
 def test_script_level_batch_invariance_bit_identical_pngs(tmp_path, monkeypatch, tiny_ckpt):
     monkeypatch.chdir(tmp_path)
     txt2img = load_script("txt2img")

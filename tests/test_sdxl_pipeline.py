@@ -191,4 +191,7 @@ def test_engine_equals_the_published_conditioning_path(pipe):
         x = SAMPLERS["euler"].fn(denoiser, noise * float((sigmas[0] ** 2 + 1) ** 0.5), sigmas)
         reference = to_vp(x, float(sigmas[-1]))
     assert latents.abs().max() > 0.1
-    assert torch.allclose(latents, reference, rtol=1e-5, atol=1e-5), float((latents - reference).abs().max())
+    # The engine encodes each text alone, sgm's path the three together: the conditioning vectors (pooled text
+    # projection, whose BLAS kernel depends on the row count) then differ by up to 4.8e-7, the latents after 5 steps
+    # by 1.4e-5 on one 2-core machine (the cross-attention contexts are equal).
+    assert torch.allclose(latents, reference, rtol=1e-5, atol=5e-5), float((latents - reference).abs().max())

@@ -3,8 +3,9 @@ switch step against the web UI's and diffusers' rules, the result against a refe
 models' own pieces, switch 1 = the base alone, micro-batching, offload, the refiner's own conditioning, errors and
 the PNG parameters both ways.
 
-Images are 128 x 128: at 64 x 64 the tiny refiner's middle block is 1 x 1, where a [B, C] GEMM at B = 1 takes
-another BLAS path than at B = 2 and micro-batches differ in the last bits (the published sizes never get there)."""
+Images are 128 x 128, except where micro-batching is checked at 64 x 64 too: there the tiny refiner's middle block
+is 1 x 1, so its transformer's products have one token per image, where the BLAS takes another path at one row than
+at two and micro-batches differed by 1.6e-4 before the linear layers made one product per image (RowwiseLinear)."""
 from __future__ import annotations
 
 import shutil
@@ -161,7 +162,10 @@ def test_result_equals_a_reference_composed_from_the_models(pipe, sampler):
     x = fn(d_refiner, x, sigmas[k:], eta=eta, noise=noise)
     reference = to_vp(x, float(sigmas[-1]))
     assert ours.abs().max() > 0.1
-    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-5), float((ours - reference).abs().max())
+    # Within 1e-5 of the latents' scale (about 50 here): the reference encodes both prompts in one batch, the engine
+    # each alone, and the conditioning vectors' products differ in the last bits between the two (their BLAS
+    # kernel depends on the row count); measured 1.9e-4 (3.9e-6 of the scale) on one 2-core machine.
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max())), float((ours - reference).abs().max())
     pixels = np.asarray(result.images[0].array).astype(int)
     decoded = torch.clamp((base.decode_first_stage(reference[:1]) + 1) / 2, 0, 1)[0]
     assert np.abs(pixels - (255 * decoded.permute(1, 2, 0).numpy()).astype(int)).max() <= 1
@@ -171,12 +175,13 @@ def test_result_equals_a_reference_composed_from_the_models(pipe, sampler):
     assert not torch.allclose(ours, to_vp(alone, float(sigmas[-1])), atol=1e-3)
 
 
-def test_micro_batching_does_not_change_images(pipe):
+@pytest.mark.parametrize("side", [128, 64])
+def test_micro_batching_does_not_change_images(pipe, side):
     prompts = ["a red circle", "a blue square AND a green triangle:0.5", "[a cat:a dog:0.5]"]
     runs = []
     for size in (1, 3):
         request = GenerationRequest(prompt_file=tuple((p, None) for p in prompts), n_samples=3, steps=6, sampler="euler_a",
-                                    scale=6.0, max_batch_size=size, **SIZE)
+                                    scale=6.0, max_batch_size=size, width=side, height=side)
         runs.append([(image.array, image.latent) for image in pipe.generate(request).images])
     assert len(runs[0]) == 3 and all(np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*runs))
 

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention_backends import AttentionBackend
-from ldm.modules.diffusionmodules.util import conv_nd, zero_module
+from ldm.modules.diffusionmodules.util import conv_nd, linear, zero_module
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -30,8 +30,8 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = int(dim * mult)
         dim_out = dim_out or dim
-        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
-        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), linear(inner_dim, dim_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -45,10 +45,10 @@ class CrossAttention(nn.Module):
         inner_dim = dim_head * heads
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = linear(query_dim, inner_dim, bias=False)
+        self.to_k = linear(context_dim, inner_dim, bias=False)
+        self.to_v = linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.attention = AttentionBackend("sdpa")
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -139,7 +139,7 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         if use_linear:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_in = linear(in_channels, inner_dim)
         else:
             self.proj_in = conv_nd(2, in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
@@ -147,7 +147,7 @@ class SpatialTransformer(nn.Module):
             for d in range(depth)
         )
         if use_linear:
-            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+            self.proj_out = zero_module(linear(inner_dim, in_channels))
         else:
             self.proj_out = zero_module(conv_nd(2, inner_dim, in_channels, kernel_size=1))
 
