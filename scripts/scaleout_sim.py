@@ -63,7 +63,8 @@ def ckpt_for_sim(folder: Path) -> Path:
     return path
 
 
-def rank_pids(marker: str) -> dict[int, int]:
+def rank_pids(marker: str, variable: str = MARK) -> dict[int, int]:
+    """{RANK: pid} of the torchrun workers on this machine whose environment has `variable`=`marker`."""
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -72,7 +73,7 @@ def rank_pids(marker: str) -> dict[int, int]:
             env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text(errors="replace").split("\0") if "=" in kv)
         except OSError:
             continue
-        if env.get(MARK) == marker and "LOCAL_RANK" in env:
+        if env.get(variable) == marker and "LOCAL_RANK" in env:
             out[int(env["RANK"])] = int(entry.name)
     return out
 

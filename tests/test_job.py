@@ -56,7 +56,7 @@ def test_a_revoked_writer_records_nothing_and_the_rest_goes_back(single):
     """The fence for a worker reported dead whose process still runs: what it recorded before the fence stays done,
     its appends after the fence are refused, so each item ends up recorded once (by it or by its replacement)."""
     from microbatch.engine import ImageJob
-    from microbatch.job import Manifest, ManifestLine
+    from microbatch.job import Manifest
 
     book = Manifest(single)
     lines = {line.index: line for line in book.lines()}
@@ -128,17 +128,7 @@ def test_torchrun_two_ranks_make_the_same_images(single, tiny_ckpt, tmp_path):
 
 def _rank_pids(marker: str) -> dict[int, int]:
     """{RANK: pid} of the torchrun workers started with MICROBATCH_TEST_JOB=marker in their environment."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text(errors="replace").split("\0") if "=" in kv)
-        except OSError:
-            continue
-        if env.get("MICROBATCH_TEST_JOB") == marker and "LOCAL_RANK" in env:
-            out[int(env["RANK"])] = int(entry.name)
-    return out
+    return load_script("scaleout_sim").rank_pids(marker, "MICROBATCH_TEST_JOB")
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
