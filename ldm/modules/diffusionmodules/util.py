@@ -153,8 +153,11 @@ class RowwiseConv2d(nn.Conv2d):
     size and thread count included, and different algorithms sum in different orders: measured on the demo model
     in float32 on the CPU, a micro-batch of 8 images (16 UNet rows) differed from one image by up to 2e-6 in every
     conv output and by one level in saved pixels. With one row per call every image sees the same algorithm
-    whatever the micro-batch (GEMMs, GroupNorm and attention were measured row-independent already). Weights and
-    checkpoint keys are those of nn.Conv2d. Cost measured on the demo model (CPU, 1 thread, 20 DDIM steps): at its
+    whatever the micro-batch (GroupNorm and attention were measured row-independent; the GEMMs are not at full
+    size, see `RowwiseLinear`). Weights and checkpoint keys are those of nn.Conv2d. At full size the cost is oneDNN's
+    weight reorder, paid per call: on the v1 UNet at 512x512 (2 threads) a guided call took 7.89 s against 7.28 s
+    with batched convolutions, most of it at the deep levels' 1280-channel layers (about 15 ms per extra call there;
+    see docs/benchmark.md). Cost measured on the demo model (CPU, 1 thread, 20 DDIM steps): at its
     8x8 latents, where per-call overhead dominates, 0.292 -> 0.354 s per image at micro-batch 1 (2 rows), 0.184 ->
     0.257 at 4 and 0.165 -> 0.238 at 8 (+21%, +40%, +44%); the demo UNet at 32x32 latents: 5-10%, where
     batching gained nothing to begin with. Only on the CPU: on a GPU one launch per row would give up most of what
