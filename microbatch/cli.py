@@ -29,7 +29,7 @@ from ldm.modules.attention_backends import BACKENDS
 from microbatch.engine import ImageJob, SamplingSettings
 from microbatch.hires import DEFAULT_HIRES_STRENGTH, UPSCALERS
 from microbatch.images import next_number, save_grid, save_png_atomic
-from microbatch.job import item_path, job_settings
+from microbatch.job import item_path, job_settings, remove_partials
 from microbatch.loading import DEFAULT_CKPT, LoadedModel, file_hash, find_vae_beside, load_model
 from microbatch.parameters import FLAG_OF, HIRES_FIELDS, lora_hash_notes, read_png_settings, ti_hash_notes
 from microbatch.pipeline import SCRIPT_SCALE, GeneratedImage, Pipeline, ProgressEvent, default_scale, micro_batch_size, resolve_checkpoint
@@ -527,6 +527,8 @@ def _run_job_command(args: argparse.Namespace, mode: Mode, explicit: Optional[se
         settings.update(world_size=rank.world_size)
         wall = time.perf_counter() - start
     items = cmd.request.jobs()
+    if not cmd.output.skip_save:
+        remove_partials(outdir)  # every rank / actor has finished; a killed one may have left a temporary file
     settings.update(images=len(items), resumed=len(items) - len(todo))
     metrics = job_metrics(reports, load_s, settings, wall)
     metrics.device = device

@@ -37,6 +37,10 @@ def next_number(folder: Path, pattern: re.Pattern = _NUMBERED) -> int:
     return highest + 1
 
 
+# The temporary files of save_png_atomic: a writer killed while saving leaves one (see job.remove_partials).
+PARTIAL_PREFIX = ".partial-"
+
+
 def save_png_atomic(
     array: np.ndarray, folder: Path, number: int, fmt: str = "{:05}.png", text: Optional[dict[str, str]] = None, replace: bool = False
 ) -> Path:
@@ -52,7 +56,7 @@ def save_png_atomic(
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".png", dir=folder)
     try:
         honour_umask(tmp)  # mkstemp creates 0600; saved images get the umask's mode, 0644 under 0022
         with os.fdopen(fd, "wb") as f:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from microbatch.engine import ImageJob
+from microbatch.images import PARTIAL_PREFIX
 from microbatch.loading import file_sha256
 from microbatch.request import GenerationRequest, UsageError
 
@@ -35,6 +36,19 @@ MANIFEST = "manifest.jsonl"
 JOB_FILE = "job.json"
 # Request fields that change how the work is spread, not what an image is.
 NOT_IDENTITY = ("max_batch_size", "max_memory")
+
+
+def remove_partials(outdir: Path) -> int:
+    """Delete the temporary files (`.partial-*.png`) that writers killed while saving left in OUTDIR/samples; call
+    it when no writer of the job runs (before the ranks start, after they all finished). Returns how many."""
+    removed = 0
+    for path in (outdir / "samples").glob(f"{PARTIAL_PREFIX}*.png"):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def item_path(outdir: Path, index: int) -> Path:

@@ -26,7 +26,7 @@ import torch
 
 from microbatch.engine import ImageJob
 from microbatch.images import save_png_atomic
-from microbatch.job import Manifest, ManifestLine, SAMPLE_NAME, check_job_folder, items_to_do
+from microbatch.job import Manifest, ManifestLine, SAMPLE_NAME, check_job_folder, items_to_do, remove_partials
 from microbatch.loading import file_sha256
 from microbatch.metrics import RunMetrics
 from microbatch.pipeline import GeneratedImage, Pipeline
@@ -192,6 +192,7 @@ def prepare_job(rank: Rank, outdir: Path, request: GenerationRequest, settings: 
     if rank.rank == 0:
         try:
             check_job_folder(outdir, settings, resume or rank.restart > 0)
+            remove_partials(outdir)  # of writers killed in an earlier run; no rank writes before the broadcast below
             items = request.jobs()
             todo, done, damaged = items_to_do(outdir, items)
             if done or damaged:

@@ -52,6 +52,16 @@ def test_files_are_named_by_item_and_recorded(single):
     assert job["request"]["prompt"] == "a cat" and "max_batch_size" not in job["request"]
 
 
+def test_temporary_files_of_a_killed_writer_are_removed(single, tiny_ckpt, capsys):
+    """A writer killed while saving leaves samples/.partial-*.png; the next run of the job (and the end of every
+    run) removes it."""
+    stray = single / "samples" / ".partial-killed.png"
+    stray.write_bytes(b"\x89PNG half an image")
+    assert load_script("batch_gen").main(["--ckpt", str(tiny_ckpt), *JOB, "--outdir", str(single), "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert not stray.exists() and len(list((single / "samples").glob("*.png"))) == 7
+
+
 def test_a_revoked_writer_records_nothing_and_the_rest_goes_back(single):
     """The fence for a worker reported dead whose process still runs: what it recorded before the fence stays done,
     its appends after the fence are refused, so each item ends up recorded once (by it or by its replacement)."""
