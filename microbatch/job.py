@@ -38,17 +38,11 @@ JOB_FILE = "job.json"
 NOT_IDENTITY = ("max_batch_size", "max_memory")
 
 
-def remove_partials(outdir: Path) -> int:
+def remove_partials(outdir: Path) -> None:
     """Delete the temporary files (`.partial-*.png`) that writers killed while saving left in OUTDIR/samples; call
-    it when no writer of the job runs (before the ranks start, after they all finished). Returns how many."""
-    removed = 0
+    it when no writer of the job runs (before the ranks start, after they all finished)."""
     for path in (outdir / "samples").glob(f"{PARTIAL_PREFIX}*.png"):
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
+        path.unlink(missing_ok=True)
 
 
 def item_path(outdir: Path, index: int) -> Path:
