@@ -576,35 +576,67 @@ def _layout(case: Case, *tensors_or_modules: Any) -> None:
             m.to(memory_format=torch.channels_last)
 
 
+@dataclass
+class GuidedCall:
+    """One guided UNet call of a case, as the `unet` and `profile` cases make it: our UNet and (when wanted)
+    diffusers' on the same weights, on the case's device and dtype with its attention, and the inputs x [2B, 4,
+    r/8, r/8], t = 500, context [2B, 77, D] drawn from seed + 1. `ours`: whether our UNet runs (else it only
+    supplied the weights)."""
+
+    device: Any
+    dtype: Any
+    unet: Any
+    theirs: Any
+    ours: bool
+    x: Any
+    t: Any
+    context: Any
+    rows: int
+    side: int
+
+    @classmethod
+    def prepare(cls, case: Case, ctx: Context, layout: bool) -> "GuidedCall":
+        """`layout`: apply the case's `channels_last` to the inputs and models (the `unet` case does; the profile
+        case profiles the default layout)."""
+        import torch
+
+        from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
+
+        device = torch.device(ctx.device)
+        dtype = dtype_of(case.precision, device)
+        unet = build_model(ctx, "unet")
+        theirs = diffusers_unet(ctx, unet) if "diffusers" in wanted(case) else None
+        g = torch.Generator().manual_seed(ctx.seed + 1)
+        rows, side = 2 * case.batch, case.resolution // 8
+        x = torch.randn(rows, unet.in_channels, side, side, generator=g).to(device, dtype)
+        if layout and case.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        context = torch.randn(rows, 77, unet.context_dim, generator=g).to(device, dtype)
+        t = torch.full((rows,), 500, device=device)
+        ours = "ours" in wanted(case)
+        if ours:
+            unet.to(device=device, dtype=dtype)
+            if layout:
+                _layout(case, unet)
+            set_attention_backend(unet, AttentionBackend(case.attention))
+        if theirs is not None:
+            theirs.to(device=device, dtype=dtype)
+            if layout:
+                _layout(case, theirs)
+            set_diffusers_attention(theirs, case.attention)
+        return cls(device, dtype, unet, theirs, ours, x, t, context, rows, side)
+
+
 def run_unet_case(case: Case, ctx: Context) -> list[dict]:
     """One guided UNet call: x [2B, 4, r/8, r/8] at t = 500 with a [2B, 77, D] context. With `compile`, compiled
     copies of each implementation run beside the eager ones (same weights), all timed in alternation."""
-    import torch
-
-    from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
-
-    device = torch.device(ctx.device)
-    dtype = dtype_of(case.precision, device)
-    unet = build_model(ctx, "unet")
-    theirs = diffusers_unet(ctx, unet) if "diffusers" in wanted(case) else None
-    g = torch.Generator().manual_seed(ctx.seed + 1)
-    rows, side = 2 * case.batch, case.resolution // 8
-    x = torch.randn(rows, unet.in_channels, side, side, generator=g).to(device, dtype)
-    if case.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    context = torch.randn(rows, 77, unet.context_dim, generator=g).to(device, dtype)
-    t = torch.full((rows,), 500, device=device)
-    gflop, dname = unet_gflop(ctx, rows, side), _dtype_name(dtype)
+    call = GuidedCall.prepare(case, ctx, layout=True)
+    unet, theirs, x, t, context, rows, device = call.unet, call.theirs, call.x, call.t, call.context, call.rows, call.device
+    gflop, dname = unet_gflop(ctx, rows, call.side), _dtype_name(call.dtype)
     impls: dict[str, Impl] = {}
-    if "ours" in wanted(case):
-        unet.to(device=device, dtype=dtype)
-        _layout(case, unet)
-        set_attention_backend(unet, AttentionBackend(case.attention))
+    if call.ours:
         impls["ours"] = Impl(lambda: (unet(x, t, context=context), None), module_bytes(unet), probe=lambda: AttentionProbe(unet, device), gflop=gflop, dtype=dname)
     if theirs is not None:
-        theirs.to(device=device, dtype=dtype)
-        _layout(case, theirs)
-        set_diffusers_attention(theirs, case.attention)
         impls["diffusers"] = Impl(lambda: (theirs(x, t, encoder_hidden_states=context).sample, None), module_bytes(theirs), gflop=gflop, dtype=dname)
     if case.compile:
         if "ours" in impls:
@@ -821,26 +853,14 @@ def run_profile_case(case: Case, ctx: Context) -> list[dict]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ldm.modules.attention_backends import AttentionBackend, set_attention_backend
     from microbatch.roofline import time_breakdown
 
-    device = torch.device(ctx.device)
-    dtype = dtype_of(case.precision, device)
-    unet = build_model(ctx, "unet")
-    theirs = diffusers_unet(ctx, unet) if "diffusers" in wanted(case) else None
-    g = torch.Generator().manual_seed(ctx.seed + 1)
-    rows_n, side = 2 * case.batch, case.resolution // 8
-    x = torch.randn(rows_n, unet.in_channels, side, side, generator=g).to(device, dtype)
-    context = torch.randn(rows_n, 77, unet.context_dim, generator=g).to(device, dtype)
-    t = torch.full((rows_n,), 500, device=device)
+    call = GuidedCall.prepare(case, ctx, layout=False)
+    unet, theirs, x, t, context, device = call.unet, call.theirs, call.x, call.t, call.context, call.device
     calls: dict[str, Callable[[], Any]] = {}
-    if "ours" in wanted(case):
-        unet.to(device=device, dtype=dtype)
-        set_attention_backend(unet, AttentionBackend(case.attention))
+    if call.ours:
         calls["ours"] = lambda: unet(x, t, context=context)
     if theirs is not None:
-        theirs.to(device=device, dtype=dtype)
-        set_diffusers_attention(theirs, case.attention)
         calls["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=context).sample
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     rows = []
