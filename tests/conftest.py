@@ -32,6 +32,27 @@ def build_tiny(config: Path = TINY_CONFIG, seed: int = 0) -> torch.nn.Module:
     return randomize_(load_model_from_config(config, None), seed)
 
 
+def save_tiny(config: Path, path: Path, seed: int = 0) -> Path:
+    """build_tiny(config, seed) written to `path` as .safetensors, with no yaml beside it."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in build_tiny(config, seed=seed).state_dict().items()}, str(path))
+    return path
+
+
+def weights_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_weights_restored(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Every weight equals the snapshot `before`, bit for bit, and no LoRA is applied."""
+    from microbatch.lora import applied_loras
+
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, changed[:5]
+    assert applied_loras(model) == []
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> torch.nn.Module:
     return build_tiny()

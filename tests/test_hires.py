@@ -269,12 +269,9 @@ def test_large_hires_passes_go_through_the_vae_in_tiles(pipe, monkeypatch):
 
 
 def test_sdxl_hires_pass_is_conditioned_on_its_size(tmp_path):
-    from safetensors.torch import save_file
+    from tests.conftest import save_tiny
 
-    from tests.conftest import build_tiny
-
-    path = tmp_path / "tiny-sdxl-base.safetensors"
-    save_file({k: v.contiguous() for k, v in build_tiny(REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml", seed=21).state_dict().items()}, str(path))
+    path = save_tiny(REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml", tmp_path / "tiny-sdxl-base.safetensors", seed=21)
     sdxl = Pipeline.from_checkpoint(path, device="cpu", precision="full")
     images = sdxl.txt2img("a red circle", steps=2, width=32, height=32, hr_scale=2, sampler="euler")
     assert images[0].size == (64, 64)

@@ -14,7 +14,7 @@ from microbatch.lora import _layer_index, applied_loras, lora_hash
 from microbatch.lora_jobs import group_by_set, resolve_jobs
 from microbatch.engine import ImageJob
 from microbatch.request import GenerationRequest, UsageError
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, assert_weights_restored, weights_snapshot
 from tests.script_utils import load_script
 
 FAST = ["--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3", "--precision", "full", "--quiet", "--device", "cpu", "--H", "32", "--W", "32", "--skip_grid"]
@@ -56,16 +56,6 @@ def pipe(tiny_ckpt):
     return Pipeline.from_checkpoint(tiny_ckpt, config=TINY_CONFIG, device="cpu", precision="full")
 
 
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_weights(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert not changed, changed[:5]
-    assert applied_loras(model) == []
-
-
 def _pixels(pipe: Pipeline, **fields) -> list[np.ndarray]:
     request = GenerationRequest(steps=3, height=32, width=32, **fields)
     return [image.array for image in pipe.generate(request).images]
@@ -92,25 +82,25 @@ def test_groups_sorted_sets_and_missing_names(lora_dir):
 
 
 def test_weight_zero_is_no_lora_and_weights_restored(pipe, lora_dir):
-    before = _state(pipe.model)
+    before = weights_snapshot(pipe.model)
     plain = _pixels(pipe, prompt="a red circle", seed=5)
     zero = _pixels(pipe, prompt="a red circle <lora:style:0>", seed=5, lora_dir=str(lora_dir))
     flagged = _pixels(pipe, prompt="a red circle", seed=5, loras=((str(lora_dir / "style.safetensors"), 0.0),))
     assert np.array_equal(plain[0], zero[0]) and np.array_equal(plain[0], flagged[0])
     with_lora = _pixels(pipe, prompt="a red circle <lora:style:1>", seed=5, lora_dir=str(lora_dir))
     assert not np.array_equal(plain[0], with_lora[0])
-    _assert_same_weights(pipe.model, before)
+    assert_weights_restored(pipe.model, before)
 
 
 def test_mixed_batch_equals_each_image_alone(pipe, lora_dir):
-    before = _state(pipe.model)
+    before = weights_snapshot(pipe.model)
     prompts = ["a cat <lora:style:1>", "a dog", "a cat <lora:style:0.5:1.5>", "a dog <lora:detail:1> <lora:style:1>", "a bird <lora:style:1>"]
     seen = []
     request = GenerationRequest(prompt_file=tuple((p, None) for p in prompts), n_samples=5, max_batch_size=5, seed=10, steps=3,
                                 height=32, width=32, lora_dir=str(lora_dir))
     result = pipe.generate(request, on_image=lambda image: seen.append(image.job.index))
     assert seen == [0, 1, 2, 3, 4] and [i.job.index for i in result.images] == seen
-    _assert_same_weights(pipe.model, before)
+    assert_weights_restored(pipe.model, before)
     for i, prompt in enumerate(prompts):
         alone = _pixels(pipe, prompt=prompt, seed=10 + i, lora_dir=str(lora_dir))[0]
         assert np.array_equal(result.images[i].array, alone), i
@@ -119,11 +109,11 @@ def test_mixed_batch_equals_each_image_alone(pipe, lora_dir):
     assert f'Lora hashes: "style: {hash_style}"' in result.images[0].parameters
     assert "Lora hashes" not in result.images[1].parameters
     assert f"detail: {lora_hash(lora_dir / 'detail.safetensors')[:12]}, style: {hash_style}" in result.images[3].parameters
-    _assert_same_weights(pipe.model, before)
+    assert_weights_restored(pipe.model, before)
 
 
 def test_weights_restored_after_an_error_and_a_cancel(pipe, lora_dir):
-    before = _state(pipe.model)
+    before = weights_snapshot(pipe.model)
 
     def fail(event):
         if event.kind == "step":
@@ -132,7 +122,7 @@ def test_weights_restored_after_an_error_and_a_cancel(pipe, lora_dir):
     request = GenerationRequest(prompt="x <lora:style:1>", steps=3, height=32, width=32, lora_dir=str(lora_dir))
     with pytest.raises(RuntimeError, match="boom"):
         pipe.generate(request, callback=fail)
-    _assert_same_weights(pipe.model, before)
+    assert_weights_restored(pipe.model, before)
 
     def cancel(event):
         if event.kind == "step":
@@ -140,7 +130,7 @@ def test_weights_restored_after_an_error_and_a_cancel(pipe, lora_dir):
 
     result = pipe.generate(request.with_changes(prompt_file=(("x <lora:style:1>", None), ("y", None)), n_samples=2, max_batch_size=1), callback=cancel)
     assert result.interrupted
-    _assert_same_weights(pipe.model, before)
+    assert_weights_restored(pipe.model, before)
 
 
 def test_networks_applied_before_the_run_stay(pipe, lora_dir):
@@ -148,7 +138,7 @@ def test_networks_applied_before_the_run_stay(pipe, lora_dir):
 
     handle = apply_lora(pipe.model, lora_dir / "detail.safetensors", 0.7)
     try:
-        applied = _state(pipe.model)
+        applied = weights_snapshot(pipe.model)
         _pixels(pipe, prompt="x <lora:style:1>", lora_dir=str(lora_dir))
         assert applied_loras(pipe.model) == [handle]
         assert all(torch.equal(v, applied[k]) for k, v in pipe.model.state_dict().items())

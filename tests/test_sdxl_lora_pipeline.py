@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from microbatch import GenerationRequest, Pipeline
-from microbatch.lora import _layer_index, applied_loras, lora_hash
-from tests.conftest import TINY_CONFIG, build_tiny
+from microbatch.lora import _layer_index, lora_hash
+from tests.conftest import TINY_CONFIG, assert_weights_restored, build_tiny, save_tiny, weights_snapshot
 from tests.script_utils import load_script
 from tests.test_sdxl import TINY
 
@@ -47,8 +47,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("sdxl_lora")
     out = {}
     for seed, kind in ((21, "base"), (22, "refiner")):
-        out[kind] = folder / f"tiny-sdxl-{kind}.safetensors"
-        save_file({k: v.contiguous() for k, v in build_tiny(TINY[kind], seed=seed).state_dict().items()}, str(out[kind]))
+        out[kind] = save_tiny(TINY[kind], folder / f"tiny-sdxl-{kind}.safetensors", seed)
     loras = folder / "Lora"
     loras.mkdir()
     base = build_tiny(TINY["base"], seed=21)
@@ -64,16 +63,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def pipe(files) -> Pipeline:
     return Pipeline.from_checkpoint(files["base"], device="cpu", precision="full")
-
-
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_weights(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert not changed, changed[:5]
-    assert applied_loras(model) == []
 
 
 def _pngs(folder: Path) -> list[Image.Image]:
@@ -101,12 +90,12 @@ def test_scripts_flag_tag_api_hashes_and_from_png(files, pipe, tmp_path):
         assert text.startswith("a red circle <lora:xlstyle:0.6:0.8>\n") and f'Lora hashes: "xlstyle: {digest}"' in text
     assert "Lora" not in pngs["plain"].info["parameters"]
     # the API: the same pixels and text
-    before = _state(pipe.model)
+    before = weights_snapshot(pipe.model)
     api = pipe.txt2img("a red circle <lora:xlstyle:0.6:0.8>", n=1, steps=3, sampler="euler", width=64, height=64, seed=7, lora_dir=str(loras))
     assert api[0].tobytes() == pngs["tag"].tobytes() and api[0].info["parameters"] == pngs["tag"].info["parameters"]
     flagged = pipe.txt2img("a red circle", n=1, steps=3, sampler="euler", width=64, height=64, seed=7, loras=[(str(loras / "xlstyle.safetensors"), 0.8, 0.6)])
     assert flagged[0].tobytes() == pngs["flag"].tobytes()
-    _assert_same_weights(pipe.model, before)
+    assert_weights_restored(pipe.model, before)
     # --from_png applies the tag again from --lora_dir
     for name in ("flag", "tag"):
         again = tmp_path / f"again_{name}"
@@ -119,7 +108,7 @@ def test_text_encoder_lora_sets_refresh_the_cached_conditioning(pipe, files):
     """One run, one prompt with and without a text-only LoRA (both encoders): the conditioning cached for the
     prompt under one set must not serve the other; each image equals itself made alone."""
     loras = files["loras"]
-    before = _state(pipe.model)
+    before = weights_snapshot(pipe.model)
     prompts = ["a red circle", "a red circle <lora:xltext:1>", "a red circle"]
     request = GenerationRequest(prompt_file=tuple((p, None) for p in prompts), n_samples=3, max_batch_size=3, seed=4, steps=2,
                                 sampler="euler", height=64, width=64, lora_dir=str(loras))
@@ -129,7 +118,7 @@ def test_text_encoder_lora_sets_refresh_the_cached_conditioning(pipe, files):
     for i, prompt in enumerate(prompts):
         alone = pipe.generate(GenerationRequest(prompt=prompt, seed=4 + i, steps=2, sampler="euler", height=64, width=64, lora_dir=str(loras)))
         assert np.array_equal(alone.images[0].array, arrays[i]), i
-    _assert_same_weights(pipe.model, before)
+    assert_weights_restored(pipe.model, before)
 
 
 def test_weight_zero_equals_no_lora(pipe, files):
@@ -150,7 +139,7 @@ def test_sd1_lora_on_sdxl_is_a_one_line_error(files, tmp_path, capsys):
 
 def test_base_and_refiner_loras_go_to_the_base_only(files):
     pipe = Pipeline.from_checkpoint(files["base"], device="cpu", precision="full", refiner=files["refiner"])
-    refiner_before, base_before = _state(pipe.refiner.model), _state(pipe.model)
+    refiner_before, base_before = weights_snapshot(pipe.refiner.model), weights_snapshot(pipe.model)
     seen = []
     original = pipe.refiner.model.apply_model
 
@@ -166,5 +155,5 @@ def test_base_and_refiner_loras_go_to_the_base_only(files):
     assert with_lora[0].tobytes() != plain[0].tobytes()
     text = with_lora[0].info["parameters"]
     assert "Refiner: tiny-sdxl-refiner" in text and "Lora hashes" in text
-    _assert_same_weights(pipe.model, base_before)
-    _assert_same_weights(pipe.refiner.model, refiner_before)
+    assert_weights_restored(pipe.model, base_before)
+    assert_weights_restored(pipe.refiner.model, refiner_before)

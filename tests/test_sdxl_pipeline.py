@@ -13,7 +13,7 @@ from PIL import Image
 from microbatch import GenerationRequest, Pipeline, UsageError
 from microbatch.engine import is_sdxl
 from microbatch.parameters import png_settings_from_text
-from tests.conftest import REPO, build_tiny
+from tests.conftest import REPO, save_tiny
 from tests.script_utils import load_script
 
 BASE = REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml"
@@ -23,11 +23,7 @@ RUN = ["--precision", "full", "--quiet", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def base_file(tmp_path_factory) -> Path:
     """A tiny SDXL base .safetensors with no yaml beside it (config inferred from the keys)."""
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("sdxl_pipe") / "tiny-sdxl-base.safetensors"
-    save_file({k: v.contiguous() for k, v in build_tiny(BASE, seed=21).state_dict().items()}, str(path))
-    return path
+    return save_tiny(BASE, tmp_path_factory.mktemp("sdxl_pipe") / "tiny-sdxl-base.safetensors", seed=21)
 
 
 @pytest.fixture(scope="module")

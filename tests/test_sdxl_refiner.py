@@ -18,7 +18,7 @@ import torch
 from microbatch import GenerationRequest, Pipeline, UsageError
 from microbatch.parameters import png_settings_from_text
 from microbatch.refiner import refiner_steps, refiner_switch_step
-from tests.conftest import REPO, build_tiny
+from tests.conftest import REPO, save_tiny
 from tests.script_utils import load_script
 
 TINY = {kind: REPO / "configs" / "tiny" / f"tiny-sdxl-{kind}.yaml" for kind in ("base", "refiner")}
@@ -29,13 +29,10 @@ SIZE = dict(width=128, height=128)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """Tiny base and refiner .safetensors side by side (no yaml: configs inferred from the keys)."""
-    from safetensors.torch import save_file
-
     folder = tmp_path_factory.mktemp("refiner")
     out = {}
     for seed, kind in ((21, "base"), (22, "refiner")):
-        out[kind] = folder / f"tiny-sdxl-{kind}.safetensors"
-        save_file({k: v.contiguous() for k, v in build_tiny(TINY[kind], seed=seed).state_dict().items()}, str(out[kind]))
+        out[kind] = save_tiny(TINY[kind], folder / f"tiny-sdxl-{kind}.safetensors", seed)
     return out
 
 
