@@ -384,6 +384,11 @@ def _text_encoder(model: Any) -> LongPromptEncoder:
     return encoder
 
 
+def _fragments(text: str, emphasis: str) -> list[list]:
+    """`text` as [fragment, weight] pairs under the "Emphasis" setting ("None": brackets and BREAK are plain text)."""
+    return [[text, 1.0]] if emphasis == "None" else parse_prompt_attention(text)
+
+
 def get_learned_conditioning(
     model: Any,
     prompts: Sequence[str],
@@ -420,8 +425,7 @@ def get_learned_conditioning(
     for schedule in by_prompt.values():
         for _, text in schedule:
             if text not in chunked:
-                fragments = [[text, 1.0]] if emphasis == "None" else parse_prompt_attention(text)
-                chunked[text] = encoder.tokenize_weighted(fragments)
+                chunked[text] = encoder.tokenize_weighted(_fragments(text, emphasis))
     rows = [row for chunks in chunked.values() for row in chunks.tokens]
     if len({len(c.tokens) for c in chunked.values()}) > 1:
         rows.append(encoder.empty_chunk())
@@ -479,7 +483,7 @@ def get_learned_conditioning_sdxl(
         if prompt in results:
             continue
         texts = [text for _, text in schedule]
-        parsed = [((text, 1.0),) if emphasis == "None" else tuple(map(tuple, parse_prompt_attention(text))) for text in texts]
+        parsed = [tuple(map(tuple, _fragments(text, emphasis))) for text in texts]
         batch = dict(make_batch(texts))
         batch["txt"] = WeightedPrompts(tuple(parsed), clip_skip, emphasis)
         zero = is_negative_prompt and all(text == "" for text in texts)
