@@ -148,12 +148,13 @@ def test_deepcache_shallow_call_matches_a_reference_built_from_the_blocks(tiny_m
             again = unet(x1, t, context)
         assert (cache.full_calls, cache.shallow_calls) == (2, 1)
         assert torch.equal(full, exact0) and torch.equal(again, unet(x1, t, context))
-        # reference: the feature entering the last output block at step 0, joined with step 1's first input block
+        # reference: the feature entering the last output block at step 0 (its input is the list [h, skip]),
+        # joined with step 1's first input block
         feats = []
-        hook = unet.output_blocks[-1].register_forward_pre_hook(lambda m, args: feats.append(args[0]))
+        hook = unet.output_blocks[-1].register_forward_pre_hook(lambda m, args: feats.append(args[0][0]))
         unet(x0, t, context)
         hook.remove()
-        deep = feats[0][:, : feats[0].shape[1] - unet.model_channels]
+        deep = feats[0]
         emb = unet.time_embed(__import__("ldm.modules.diffusionmodules.util", fromlist=["x"]).timestep_embedding(t, unet.model_channels))
         h0 = unet.input_blocks[0](x1, emb, context)
         reference = unet.out(unet.output_blocks[-1](torch.cat([deep, h0], dim=1), emb, context))

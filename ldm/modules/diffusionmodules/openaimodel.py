@@ -73,7 +73,14 @@ def _distinct_on_host(t: torch.Tensor) -> bool:
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """Sequential that hands the timestep embedding to ResBlocks and the context to SpatialTransformers."""
 
-    def forward(self, x: torch.Tensor, emb: "torch.Tensor | TimeEmbedding", context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor | list[torch.Tensor]", emb: "torch.Tensor | TimeEmbedding", context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x, or (an output block) the list [h, skip] to concatenate along channels. The list is emptied here, so that
+        nothing holds h and the skip, and the concatenation is freed as soon as the first layer (a ResBlock) has made
+        its output, instead of living on through the block's transformer and upsampling."""
+        if isinstance(x, list):
+            parts = x
+            x = torch.cat(parts, dim=1)
+            parts.clear()
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
@@ -387,7 +394,8 @@ class UNetModel(nn.Module):
         for j, block in enumerate(self.output_blocks):
             if j == first_shallow:
                 cache.store(h)
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            parts, h = [h, skips.pop()], None  # the block owns h and the skip from here (see TimestepEmbedSequential)
+            h = block(parts, emb, context)
         return self.out(h).to(x.dtype)
 
     def _forward_shallow(self, h: torch.Tensor, emb: "torch.Tensor | TimeEmbedding", context: Optional[torch.Tensor], deep: torch.Tensor, m: int) -> torch.Tensor:
@@ -401,7 +409,8 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = deep
         for block in self.output_blocks[len(self.output_blocks) - m :]:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            parts, h = [h, skips.pop()], None
+            h = block(parts, emb, context)
         return self.out(h)
 
     def _time_and_label_embedding(self, timesteps: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> TimeEmbedding:
