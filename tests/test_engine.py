@@ -79,6 +79,44 @@ def test_rowwise_conv_matches_a_plain_conv_row_by_row():
         assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rowwise_conv_as_a_product_matches_the_convolution_and_is_batch_invariant(dtype):
+    """Large kernels at small sizes (the deep levels' 1280-channel 3x3 convolutions, >= 8 M weights) and pointwise
+    kernels run as matrix products: the convolution's values within rounding, every row the same bits in any batch,
+    in both layouts (a channels-last pointwise input gives a channels-last result)."""
+    from ldm.modules.diffusionmodules.util import RowwiseConv2d
+
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (conv, input side, product expected)
+        (RowwiseConv2d(1024, 1024, 3, padding=1), 8, True),
+        (RowwiseConv2d(1024, 1024, 3, stride=2, padding=1), 16, True),  # a downsampler: 8x8 out
+        (RowwiseConv2d(1024, 1024, 3, padding=1, bias=False), 12, True),
+        (RowwiseConv2d(1024, 1024, 3, padding=1), 32, False),  # 32x32: oneDNN's convolution is faster
+        (RowwiseConv2d(256, 256, 3, padding=1), 8, False),  # small weights: the convolution
+        (RowwiseConv2d(96, 48, 1), 16, True),
+        (RowwiseConv2d(96, 48, 1, bias=False), 16, True),
+    ]
+    for conv, side, product in cases:
+        conv = conv.to(dtype).requires_grad_(False)
+        with torch.no_grad():
+            for p in conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5))
+        x = torch.randn(3, conv.in_channels, side, side, generator=g).to(dtype)
+        assert conv._as_gemm(x[:1]) == product, (conv, side)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl = x.contiguous(memory_format=layout)
+            with torch.no_grad():
+                out = conv(xl)
+                reference = torch.nn.functional.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(), conv.stride, conv.padding)
+                for i in range(3):
+                    assert torch.equal(conv(xl[i : i + 1]), out[i : i + 1])
+                assert torch.equal(conv(xl[1:]), out[1:])
+            tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+            assert torch.allclose(out.float(), reference, atol=tolerance), (conv, side, (out.float() - reference).abs().max())
+            pointwise_channels_last = product and conv.kernel_size == (1, 1) and layout == torch.channels_last
+            assert out.is_contiguous(memory_format=torch.channels_last) == pointwise_channels_last or out.is_contiguous()
+
+
 def test_rowwise_linear_matches_plain_products_image_by_image():
     """At the full-size v1 UNet's feed-forward shape (K = 5120 -> 1280, 256 tokens per image) the BLAS gave one
     image 2.2e-8 apart between batches of 2 and 4 rows; one product per image makes them equal."""

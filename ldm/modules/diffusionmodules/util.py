@@ -154,10 +154,13 @@ class RowwiseConv2d(nn.Conv2d):
     in float32 on the CPU, a micro-batch of 8 images (16 UNet rows) differed from one image by up to 2e-6 in every
     conv output and by one level in saved pixels. With one row per call every image sees the same algorithm
     whatever the micro-batch (GroupNorm and attention were measured row-independent; the GEMMs are not at full
-    size, see `RowwiseLinear`). Weights and checkpoint keys are those of nn.Conv2d. At full size the cost is oneDNN's
-    weight reorder, paid per call: on the v1 UNet at 512x512 (2 threads) a guided call took 7.89 s against 7.28 s
-    with batched convolutions, most of it at the deep levels' 1280-channel layers (about 15 ms per extra call there;
-    see docs/benchmark.md). Cost measured on the demo model (CPU, 1 thread, 20 DDIM steps): at its
+    size, see `RowwiseLinear`). Weights and checkpoint keys are those of nn.Conv2d. At full size one call per row
+    paid oneDNN's weight reorder once per row, most of it at the deep levels' 1280-channel layers; those rows, and
+    pointwise kernels, now run as matrix products (`_as_gemm`), faster there than even the batched convolution:
+    on the v1 UNet at 512x512 (float32, 2 threads, 5 interleaved calls, median of the last 4) a guided call took
+    6.80 s against 7.76 s with one-row convolutions everywhere and 6.86 s for diffusers' batched UNet (see
+    docs/benchmark.md). A channels-last row is copied to NCHW first where that is cheaper than the weight copy
+    PyTorch would otherwise make (`_rows_to_plain_layout`). Cost measured on the demo model (before the products) (CPU, 1 thread, 20 DDIM steps): at its
     8x8 latents, where per-call overhead dominates, 0.292 -> 0.354 s per image at micro-batch 1 (2 rows), 0.184 ->
     0.257 at 4 and 0.165 -> 0.238 at 8 (+21%, +40%, +44%); the demo UNet at 32x32 latents: 5-10%, where
     batching gained nothing to begin with. Only on the CPU: on a GPU one launch per row would give up most of what
@@ -168,20 +171,78 @@ class RowwiseConv2d(nn.Conv2d):
         # Training (gradients on) keeps the batched kernel: only inference results must not depend on the batch.
         # Under torch.compile (--compile) too: compiled results equal eager ones only up to float rounding anyway,
         # and one batched convolution is what the compiler fuses and schedules best.
-        if x.dim() != 4 or x.shape[0] <= 1 or torch.is_grad_enabled() or x.device.type != "cpu" or _compiling():
+        if x.dim() != 4 or x.shape[0] == 0 or torch.is_grad_enabled() or x.device.type != "cpu" or _compiling():
             return super().forward(x)
+        plain = self._rows_to_plain_layout(x)
+        first = self._row(x[:1], plain)
         if x.shape[0] == 1:
-            # in the layout a batch's output has (contiguous): oneDNN may return channels-last, and the next
-            # GroupNorm picks its algorithm by layout, so one row would not match the same row of a batch
-            return super().forward(x).contiguous()
-        first = super().forward(x[:1])
+            return first
         # keep the layout the convolution chose (NHWC with --channels_last), so that no copy converts it back
         fmt = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous() else torch.contiguous_format
         out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=fmt)
         out[:1] = first
         for i in range(1, x.shape[0]):
-            out[i : i + 1] = super().forward(x[i : i + 1])
+            out[i : i + 1] = self._row(x[i : i + 1], plain)
         return out
+
+    def _row(self, row: torch.Tensor, plain: bool) -> torch.Tensor:
+        if self._as_gemm(row):
+            return self._gemm_row(row)
+        return super().forward(row.contiguous() if plain else row)
+
+    def _as_gemm(self, row: torch.Tensor) -> bool:
+        """Whether one row is convolved as a matrix product (a pointwise convolution's, or the im2col product of a
+        large kernel at a small size) instead of oneDNN's convolution. oneDNN brings the weight to its blocked
+        layout in every call; for the 1280-channel 3x3 kernels (59 MB and more in float32) at the deep levels' 8x8
+        and 16x16 latents that costs more than the arithmetic. Measured for one row (2 threads, convolution against
+        product): float32 21.6 / 8.3 ms at 8x8, 39.2 / 26.7 at 16x16, 77.0 / 52.9 for 2560 -> 1280 at 16x16, 67.0 /
+        56.3 at 24x24, 99.9 / 110.9 at 32x32; bfloat16 4.3 / 1.7, 7.5 / 5.9, 27.5 / 11.7, and 12.5 / 22.2 at 24x24;
+        640 channels (3.7 M weights) 6.6 / 6.6 at 16x16. Pointwise kernels are products anyway (1920 -> 640 at
+        32x32: 8.5 / 7.7 ms float32, 2.4 / 1.3 bfloat16). Decided from the row's shape and dtype and the weight,
+        never from the batch."""
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return False
+        if row.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if self._pointwise():
+            return True
+        ho, wo = self._out_size(row.shape[2], row.shape[3])
+        pixels = 576 if row.dtype == torch.float32 else 256
+        return self.weight.is_contiguous() and ho * wo <= pixels and self.weight.numel() >= 8 * 2**20
+
+    def _pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _gemm_row(self, row: torch.Tensor) -> torch.Tensor:
+        """One row [1, C, H, W] as a matrix product: pointwise kernels multiply the pixels in the layout they come
+        in (a channels-last row gives a channels-last result), others through `unfold` (im2col)."""
+        out_channels, (_, c, h, w) = self.out_channels, row.shape
+        weight = self.weight.view(out_channels, -1) if self.weight.is_contiguous() else self.weight.reshape(out_channels, -1)
+        if self._pointwise() and row.is_contiguous(memory_format=torch.channels_last) and not row.is_contiguous():
+            pixels = row.permute(0, 2, 3, 1).reshape(h * w, c)
+            out = torch.mm(pixels, weight.t()) if self.bias is None else torch.addmm(self.bias, pixels, weight.t())
+            return out.view(1, h, w, out_channels).permute(0, 3, 1, 2)
+        if self._pointwise():
+            cols = row.reshape(c, h * w)
+        else:
+            cols = torch.nn.functional.unfold(row.contiguous(), self.kernel_size, self.dilation, self.padding, self.stride)[0]
+        out = torch.mm(weight, cols) if self.bias is None else torch.addmm(self.bias[:, None], weight, cols)
+        return out.view(1, out_channels, *self._out_size(h, w))
+
+    def _rows_to_plain_layout(self, x: torch.Tensor) -> bool:
+        """Whether each row is copied to the plain (NCHW) layout before its convolution: when the input is
+        channels-last (the transformers' output is a permuted view) and the weight is not, and a row is smaller
+        than the weight. PyTorch otherwise brings the weight to the input's layout, a copy of the whole weight in
+        every call: measured on the full-size SDXL UNet at 512x512 (float32), each one-row call of a deep
+        2560 -> 1280 convolution copied its 112.5 MB weight, which made the UNet call's peak 106 MB above diffusers'
+        (which keeps NCHW throughout). Decided from one row's size, never from the batch, so every batch computes
+        a row the same way."""
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return channels_last and self.weight.is_contiguous() and x[:1].numel() < self.weight.numel()
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
