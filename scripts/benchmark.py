@@ -56,9 +56,11 @@ COLUMNS = [
     # --compile, --channels_last, roofline and profile cases
     "compile", "channels_last", "compile_s", "first_call_s", "first_image_cold_s", "time_ratio_vs_diffusers_compiled",
     "gflop", "gflops_per_s", "attainable_gflops_per_s", "fraction_of_limit", "op", "shape", "layout",
+    # lora cases (time_s: one application; first_call_s: the first)
+    "network", "layers", "values_m", "originals_mb", "file_mb", "remove_s", "restored",
 ]
 PRECISIONS = ("fp32", "fp16", "bf16", "autocast")
-KINDS = ("unet", "generate", "vae", "roofline", "profile")
+KINDS = ("unet", "generate", "vae", "roofline", "profile", "lora")
 ATTENTIONS = ("sdpa", "math", "sliced")
 
 
@@ -81,6 +83,7 @@ class Case:
     overlap: int = 0
     compile: bool = False  # unet / vae: compiled variants beside the eager ones; generate: both sides compiled
     channels_last: bool = False  # weights and inputs in NHWC order (both implementations)
+    network: str = ""  # lora: the network kind merged (lora or locon)
 
 
 @dataclass
@@ -150,8 +153,9 @@ def _config(ctx: Context) -> Any:
     return OmegaConf.load(ctx.config)
 
 
-def build_model(ctx: Context, part: str = "all") -> Any:
-    """The LatentDiffusion (part "all"), or only its UNet ("unet") or VAE ("vae"), in float32 on the CPU."""
+def build_model(ctx: Context, part: str = "all", dtype: Any = None) -> Any:
+    """The LatentDiffusion (part "all"), or only its UNet ("unet") or VAE ("vae"), on the CPU in `dtype` (random
+    weights; default float32) or float32 (a checkpoint)."""
     import torch
 
     from ldm.util import instantiate_from_config
@@ -166,10 +170,10 @@ def build_model(ctx: Context, part: str = "all") -> Any:
         model = loaded.model
         return {"all": model, "unet": model.model.diffusion_model, "vae": model.first_stage_model}[part]
     cfg = _config(ctx).model
-    target = {"all": cfg, "unet": cfg.params.unet_config, "vae": cfg.params.first_stage_config}[part]
+    target = cfg if part == "all" else cfg.params.get("unet_config" if part == "unet" else "first_stage_config")
     with params_on_meta():
         module = instantiate_from_config(target)
-    return fill_random_(module, ctx.seed).requires_grad_(False).eval()
+    return fill_random_(module, ctx.seed, dtype=dtype).requires_grad_(False).eval()
 
 
 def vae_wrapper(vae: Any, scale_factor: float) -> Any:
@@ -879,7 +883,90 @@ def run_profile_case(case: Case, ctx: Context) -> list[dict]:
     return rows
 
 
-RUNNERS = {"unet": run_unet_case, "generate": run_generate_case, "vae": run_vae_case, "roofline": run_roofline_case, "profile": run_profile_case}
+NETWORKS = ("lora", "locon")
+# kohya's default targets, by the diffusers module a layer sits in: the transformers' linears and 1x1 convolutions
+# (LoRA); LoCon (a conv rank given) also the ResNet blocks', down- and upsamplers' layers, 3x3 convolutions included
+_LORA_BLOCKS = ("_attentions_",)
+_LOCON_BLOCKS = ("_attentions_", "_resnets_", "_downsamplers_", "_upsamplers_")
+_TE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+
+
+def kohya_network(model: Any, network: str, rank: int = 32, alpha: float = 16.0, seed: int = 0) -> dict:
+    """A random kohya network file's tensors (fp16, as kohya saves them) at kohya's default targets for `model`
+    (SD 1.x / 2.x or SDXL): UNet layers under their diffusers names, every text-encoder attention and MLP linear
+    (q / k / v of OpenCLIP's in_proj_weight as separate layers, as the trainers write them)."""
+    import torch
+
+    from microbatch.lora import _layer_index
+
+    blocks = _LOCON_BLOCKS if network == "locon" else _LORA_BLOCKS
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict = {}
+    for key, target in _layer_index(model).items():
+        kind, name = key.split(":", 1)
+        shape = params[target.param].shape
+        if target.rows is not None:
+            shape = (target.rows[1] - target.rows[0], *shape[1:])
+        if kind == "unet":
+            conv3 = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+            if not name.startswith(("down_blocks_", "mid_block_", "up_blocks_")) or not any(b in name for b in blocks):
+                continue
+            if conv3 and network != "locon":
+                continue
+            prefix = "lora_unet_"
+        else:
+            prefix = _TE_PREFIXES[kind]
+        down = torch.randn(rank, *shape[1:], generator=g) / math.sqrt(math.prod(shape[1:]))
+        up = torch.randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []), generator=g) / math.sqrt(rank)
+        tensors[f"{prefix}{name}.lora_down.weight"] = down.half()
+        tensors[f"{prefix}{name}.lora_up.weight"] = up.half()
+        tensors[f"{prefix}{name}.alpha"] = torch.tensor(alpha).half()
+    return tensors
+
+
+def run_lora_case(case: Case, ctx: Context) -> list[dict]:
+    """Merging a network into the whole model and taking it out again (`apply_lora` / `remove`, the file read
+    included), `repeats` + 1 times: the first application, the median of the others, the removal, whether the
+    weights came back bit-identical, how many weights and values it touched."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from microbatch.lora import apply_lora
+
+    device = torch.device(ctx.device)
+    dtype = dtype_of(case.precision, device)
+    model = build_model(ctx, "all", dtype).to(device, dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{case.network}.safetensors"
+        save_file(kohya_network(model, case.network, seed=ctx.seed), str(path))
+        file_mb = path.stat().st_size / 2**20
+        applies, removes, restored, handle = [], [], True, None
+        touched: dict = {}
+        for i in range(ctx.repeats + 1):
+            seconds, handle = timed(lambda: apply_lora(model, path), device)
+            applies.append(seconds)
+            if i == 0:  # the originals, to check the removal against (held outside the timed calls)
+                from microbatch.lora import _STATES
+
+                touched = {name: t.clone() for name, t in _STATES[model].originals.items()}
+            seconds, _ = timed(handle.remove, device)
+            removes.append(seconds)
+            params = dict(model.named_parameters())
+            restored = restored and all(torch.equal(params[name], t.to(device)) for name, t in touched.items())
+    values = sum(t.numel() for t in touched.values())
+    later = applies[1:] or applies
+    return [_row(case, ctx, device, "ours", time_s=round(statistics.median(later), 3), time_min_s=round(min(later), 3),
+                 first_call_s=round(applies[0], 3), remove_s=round(statistics.median(removes), 3), layers=handle.layers,
+                 values_m=round(values / 1e6, 1), originals_mb=_mb(sum(t.numel() * t.element_size() for t in touched.values())),
+                 file_mb=round(file_mb, 1), restored=restored, rss_peak_mb=round(rss_peak_mb(), 1),
+                 timing=f"apply: median of {len(later)} after the first; remove: median of {len(removes)}",
+                 times_s=[round(s, 3) for s in applies], remove_times_s=[round(s, 3) for s in removes])]
+
+
+RUNNERS = {"unet": run_unet_case, "generate": run_generate_case, "vae": run_vae_case, "roofline": run_roofline_case, "profile": run_profile_case, "lora": run_lora_case}
 
 
 def run_case_here(case: Case, ctx: Context) -> list[dict]:
@@ -1046,8 +1133,8 @@ def plan_sdxl_cases(args: argparse.Namespace, device_type: str, peer: bool) -> l
     from microbatch.devices import cpu_has_fast_bf16
 
     kinds = args.kinds or ["unet"]
-    if kinds != ["unet"]:
-        raise ValueError(f"the SDXL benchmark times UNet calls only (--kinds unet), got --kinds {','.join(kinds)}")
+    if not set(kinds) <= {"unet", "lora"}:
+        raise ValueError(f"the SDXL benchmark times UNet calls and LoRA merges only (--kinds unet,lora), got --kinds {','.join(kinds)}")
     gpu = args.cases == "gpu-sdxl"
     if gpu and device_type != "cuda" and not args.dry_run:
         raise ValueError(f"--cases gpu-sdxl is the CUDA plan: use --device cuda (this device is {device_type}; --dry_run shows the plan)")
@@ -1061,13 +1148,24 @@ def plan_sdxl_cases(args: argparse.Namespace, device_type: str, peer: bool) -> l
     if args.config and Path(args.config).is_file():
         native = int(OmegaConf.load(args.config).model.params.get("image_size", 128)) * 8
     impl = "both" if peer else "ours"
-    return [
+    cases = [
         Case("sdxl_unet", impl, r, batch=b, attention=a, precision=p)
         for r in args.resolutions or [native]
         for p in args.precision or [half]
         for a in args.attention or ["sdpa"]
         for b in args.batch or [1]
-    ]
+    ] if "unet" in kinds else []
+    # the whole SDXL model in float32 and the originals a network touches would not fit beside it in 24 GB
+    return cases + lora_cases(kinds, args.precision or ["fp16" if half == "fp32" else half])
+
+
+def lora_cases(kinds: Sequence[str], precisions: Sequence[str]) -> list[Case]:
+    """The lora kind: a kohya LoRA and a LoCon (kohya's default targets, rank 32, alpha 16) merged into the whole
+    model and taken out again, per precision; ours only (diffusers fuses LoRAs through peft, not a core
+    dependency of either)."""
+    if "lora" not in kinds:
+        return []
+    return [Case("lora", "ours", precision=p, network=n) for p in precisions for n in NETWORKS]
 
 
 # -- planning, subprocesses, tables ------------------------------------------------------------------------------
@@ -1126,6 +1224,7 @@ def plan_cases(args: argparse.Namespace, device_type: str, peer: bool) -> list[C
                             for c in ([False, True] if args.compile and o != "sequential" else [False]):
                                 cases.append(Case("generate", impl if o == "none" else "ours", r, n_samples=n, max_batch_size=m, steps=steps,
                                                   attention=attentions[0], precision=p, offload=o, compile=c, channels_last=cl))
+    cases.extend(lora_cases(kinds, precisions))
     if "vae" in kinds:
         for r in vae_resolutions:
             latent = r // 8
@@ -1560,7 +1659,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{r['impl']}: {r['status']} time {r.get('time_s')} s peak {r.get('peak_mb')} MB" + (f" ({r['error']})" if r.get("error") else "")
             for r in new if r.get("kind") != "roofline" or r.get("status") != "ok"
         ) or "; ".join(f"attainable {r['attainable_gflops_per_s']} GFLOP/s {r['dtype']} ({r['shape']} {r['layout']})" for r in new if r.get("op") == "best")
-        print(f"[{i + 1}/{len(cases)}] {case.kind} {case.resolution}px {case.attention} {case.precision} "
+        what = f"{case.network} {case.precision}" if case.kind == "lora" else f"{case.resolution}px {case.attention} {case.precision}"
+        print(f"[{i + 1}/{len(cases)}] {case.kind} {what} "
               f"b={case.batch} n={case.n_samples} mbs={case.max_batch_size} {case.vae_mode}: {summary} ({time.perf_counter() - start:.0f} s)", flush=True)
     plots = make_plots(rows, out)
     summary = write_summary(rows, out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 
 import pytest
 import torch
@@ -139,3 +140,50 @@ def test_roofline_and_profile_cases_on_the_tiny_config(bench, tmp_path):
         r["status"] = "ok"
     text = bench.write_summary(rows + prof, tmp_path)
     assert "attainable GFLOP/s" in text and "| convolution |" in text and (tmp_path / "summary.md").read_text().strip() == text.strip()
+
+
+@pytest.mark.parametrize("config", [TINY, str(REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml")], ids=["v1", "sdxl"])
+def test_lora_cases_merge_kohyas_default_targets_and_restore_the_bits(bench, config):
+    """The lora kind: a kohya LoRA touches every transformer linear / 1x1 projection and every text-encoder
+    attention and MLP weight; a LoCon also every ResBlock, Downsample and Upsample layer; both come off bit-exactly."""
+    from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+    from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
+
+    ctx = bench.Context(None, config, "cpu", 1, 0, 1)
+    model = bench.build_model(ctx, "all")
+    unet = model.model.diffusion_model
+
+    def weights(kinds):
+        return sum(1 for m in unet.modules() if isinstance(m, kinds) for p in m.parameters() if p.dim() >= 2)
+
+    # a block's own matrices: SpatialTransformer's proj_in / proj_out are counted without its blocks' ones
+    projections = sum(sum(1 for n, p in m.named_parameters() if p.dim() >= 2 and n.startswith("proj_")) for m in unet.modules() if isinstance(m, SpatialTransformer))
+    blocks = weights(BasicTransformerBlock)
+    assert blocks == 10 * sum(1 for m in unet.modules() if isinstance(m, BasicTransformerBlock))  # q k v out twice, ff in and out
+    text = {
+        name: sum(1 for n, p in enc.named_parameters() if p.dim() == 2 and any(k in n for k in ("_proj.weight", "fc1.weight", "fc2.weight", "c_fc.weight", "c_proj.weight", "in_proj_weight")))
+        for name, enc in ((n, m) for n, m in model.named_modules() if type(m).__name__.startswith("Frozen"))
+    }
+    expected_lora = projections + blocks + sum(text.values())
+    expected_locon = expected_lora + weights((ResBlock, Downsample, Upsample))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    rows = {}
+    for network in ("lora", "locon"):
+        (row,) = bench.run_case_here(bench.Case("lora", "ours", precision="fp32", network=network), ctx)
+        assert row["status"] == "ok" and row["restored"] is True and len(row["times_s"]) == 2 and row["time_s"] > 0
+        rows[network] = row
+        # the file really changes those weights
+        with tempfile.TemporaryDirectory() as folder:
+            from safetensors.torch import save_file
+
+            from microbatch.lora import apply_lora
+
+            path = f"{folder}/n.safetensors"
+            save_file(bench.kohya_network(model, network), path)
+            handle = apply_lora(model, path)
+            changed = sum(1 for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+            handle.remove()
+        assert changed == row["layers"]
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert rows["lora"]["layers"] == expected_lora
+    assert rows["locon"]["layers"] == expected_locon > expected_lora
