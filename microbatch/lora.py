@@ -22,12 +22,16 @@ costs nothing extra. The original of every touched weight is kept (by default in
 recomputes W' = W + the deltas of the networks still applied, in application order, so removing networks in any
 order gives the same bits as applying only the rest, and removing the last one copies the original back.
 Measured (CPU, 1 thread): the tiny test model, a 103-layer LoCon file: apply 46 ms with the file read, remove
-3 ms, a step unchanged. Full-size SD 1.x: a kohya LoRA touches 264 weights (192 UNet attention, 72 text; 352 M
-values, so 0.7 GB of fp16 originals kept), a LoCon 66 convolutions more (564 M); delta + merge timed per distinct
-shape at rank 32 and summed: about 3.2 s and 16 s per application on one CPU thread. Full-size SDXL base, kohya's
+3 ms, a step unchanged. Full-size SD 1.x in float32 (`python scripts/benchmark.py --kinds lora --precision fp32
+--repeats 4 --threads 2`: random weights, a random rank-32 kohya file at kohya's default targets, applied and
+removed 5 times, file read included): a LoRA touches 264 weights (192 UNet transformer layers, 72 text; 352 M
+values, so 1.3 GB of float32 originals kept) and takes 1.45 s per application (median; the first 3.8 s), 0.13 s to
+remove; a LoCon 350 weights (also every ResBlock, down- and upsampler layer; 942 M values, 3.6 GB kept): 5.7 s
+(first 11.1 s), 0.38 s to remove; the weights come back bit-identical. Full-size SDXL base, kohya's
 default targets (every transformer block's linears and proj_in / proj_out, both text encoders' attention and MLP
 linears: 986 layers on 922 weights, bigG's q / k / v sharing in_proj_weight): 2.92 G values, nearly the whole
-UNet, so 5.4 GiB of fp16 originals kept; delta + merge the same way: about 41 s per application on one CPU thread.
+UNet, so 5.4 GiB of fp16 originals kept; delta + merge timed per distinct shape and summed: about 41 s per
+application on one CPU thread.
 Deltas are made on the weight's device (a GPU model merges on the GPU).
 """
 from __future__ import annotations
