@@ -934,7 +934,7 @@ def run_lora_case(case: Case, ctx: Context) -> list[dict]:
     import torch
     from safetensors.torch import save_file
 
-    from microbatch.lora import apply_lora
+    from microbatch.lora import _STATES, apply_lora
 
     device = torch.device(ctx.device)
     dtype = dtype_of(case.precision, device)
@@ -949,8 +949,6 @@ def run_lora_case(case: Case, ctx: Context) -> list[dict]:
             seconds, handle = timed(lambda: apply_lora(model, path), device)
             applies.append(seconds)
             if i == 0:  # the originals, to check the removal against (held outside the timed calls)
-                from microbatch.lora import _STATES
-
                 touched = {name: t.clone() for name, t in _STATES[model].originals.items()}
             seconds, _ = timed(handle.remove, device)
             removes.append(seconds)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 
 import pytest
 import torch
@@ -143,11 +142,14 @@ def test_roofline_and_profile_cases_on_the_tiny_config(bench, tmp_path):
 
 
 @pytest.mark.parametrize("config", [TINY, str(REPO / "configs" / "tiny" / "tiny-sdxl-base.yaml")], ids=["v1", "sdxl"])
-def test_lora_cases_merge_kohyas_default_targets_and_restore_the_bits(bench, config):
+def test_lora_cases_merge_kohyas_default_targets_and_restore_the_bits(bench, config, tmp_path):
     """The lora kind: a kohya LoRA touches every transformer linear / 1x1 projection and every text-encoder
     attention and MLP weight; a LoCon also every ResBlock, Downsample and Upsample layer; both come off bit-exactly."""
+    from safetensors.torch import save_file
+
     from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
     from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
+    from microbatch.lora import apply_lora
 
     ctx = bench.Context(None, config, "cpu", 1, 0, 1)
     model = bench.build_model(ctx, "all")
@@ -173,16 +175,11 @@ def test_lora_cases_merge_kohyas_default_targets_and_restore_the_bits(bench, con
         assert row["status"] == "ok" and row["restored"] is True and len(row["times_s"]) == 2 and row["time_s"] > 0
         rows[network] = row
         # the file really changes those weights
-        with tempfile.TemporaryDirectory() as folder:
-            from safetensors.torch import save_file
-
-            from microbatch.lora import apply_lora
-
-            path = f"{folder}/n.safetensors"
-            save_file(bench.kohya_network(model, network), path)
-            handle = apply_lora(model, path)
-            changed = sum(1 for n, p in model.named_parameters() if not torch.equal(p, before[n]))
-            handle.remove()
+        path = tmp_path / f"{network}.safetensors"
+        save_file(bench.kohya_network(model, network), str(path))
+        handle = apply_lora(model, path)
+        changed = sum(1 for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+        handle.remove()
         assert changed == row["layers"]
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert rows["lora"]["layers"] == expected_lora

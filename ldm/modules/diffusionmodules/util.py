@@ -155,7 +155,8 @@ class RowwiseConv2d(nn.Conv2d):
     on the v1 UNet at 512x512 (float32, 2 threads, 5 interleaved calls, median of the last 4) a guided call took
     6.80 s against 7.76 s with one-row convolutions everywhere and 6.86 s for diffusers' batched UNet (see
     docs/benchmark.md). A channels-last row is copied to NCHW first where that is cheaper than the weight copy
-    PyTorch would otherwise make (`_rows_to_plain_layout`). Cost measured on the demo model (before the products) (CPU, 1 thread, 20 DDIM steps): at its
+    PyTorch would otherwise make (`_rows_to_plain_layout`). Cost measured on the demo model before the products
+    (CPU, 1 thread, 20 DDIM steps): at its
     8x8 latents, where per-call overhead dominates, 0.292 -> 0.354 s per image at micro-batch 1 (2 rows), 0.184 ->
     0.257 at 4 and 0.165 -> 0.238 at 8 (+21%, +40%, +44%); the demo UNet at 32x32 latents: 5-10%, where
     batching gained nothing to begin with. Only on the CPU: on a GPU one launch per row would give up most of what
@@ -170,20 +171,21 @@ class RowwiseConv2d(nn.Conv2d):
         # 7.20 and 6.95 s in the same two runs).
         if x.dim() != 4 or x.shape[0] == 0 or torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
-        plain = self._rows_to_plain_layout(x)
-        first = self._row(x[:1], plain)
+        # every row has the same shape, so one decision holds for all of them
+        gemm, plain = self._as_gemm(x[:1]), self._rows_to_plain_layout(x)
+        first = self._row(x[:1], gemm, plain)
         if x.shape[0] == 1:
             return first
         # keep the layout the convolution chose (NHWC with --channels_last), so that no copy converts it back
-        fmt = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous() else torch.contiguous_format
+        fmt = torch.channels_last if _channels_last(first) else torch.contiguous_format
         out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=fmt)
         out[:1] = first
         for i in range(1, x.shape[0]):
-            out[i : i + 1] = self._row(x[i : i + 1], plain)
+            out[i : i + 1] = self._row(x[i : i + 1], gemm, plain)
         return out
 
-    def _row(self, row: torch.Tensor, plain: bool) -> torch.Tensor:
-        if self._as_gemm(row):
+    def _row(self, row: torch.Tensor, gemm: bool, plain: bool) -> torch.Tensor:
+        if gemm:
             return self._gemm_row(row)
         return super().forward(row.contiguous() if plain else row)
 
@@ -218,12 +220,12 @@ class RowwiseConv2d(nn.Conv2d):
         """One row [1, C, H, W] as a matrix product: pointwise kernels multiply the pixels in the layout they come
         in (a channels-last row gives a channels-last result), others through `unfold` (im2col)."""
         out_channels, (_, c, h, w) = self.out_channels, row.shape
-        weight = self.weight.view(out_channels, -1) if self.weight.is_contiguous() else self.weight.reshape(out_channels, -1)
-        if self._pointwise() and row.is_contiguous(memory_format=torch.channels_last) and not row.is_contiguous():
-            pixels = row.permute(0, 2, 3, 1).reshape(h * w, c)
-            out = torch.mm(pixels, weight.t()) if self.bias is None else torch.addmm(self.bias, pixels, weight.t())
-            return out.view(1, h, w, out_channels).permute(0, 3, 1, 2)
+        weight = self.weight.reshape(out_channels, -1)  # a view unless a non-pointwise weight is channels-last
         if self._pointwise():
+            if _channels_last(row):
+                pixels = row.permute(0, 2, 3, 1).reshape(h * w, c)
+                out = torch.mm(pixels, weight.t()) if self.bias is None else torch.addmm(self.bias, pixels, weight.t())
+                return out.view(1, h, w, out_channels).permute(0, 3, 1, 2)
             cols = row.reshape(c, h * w)
         else:
             cols = torch.nn.functional.unfold(row.contiguous(), self.kernel_size, self.dilation, self.padding, self.stride)[0]
@@ -238,8 +240,12 @@ class RowwiseConv2d(nn.Conv2d):
         2560 -> 1280 convolution copied its 112.5 MB weight, which made the UNet call's peak 106 MB above diffusers'
         (which keeps NCHW throughout). Decided from one row's size, never from the batch, so every batch computes
         a row the same way."""
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return channels_last and self.weight.is_contiguous() and x[:1].numel() < self.weight.numel()
+        return _channels_last(x) and self.weight.is_contiguous() and x[:1].numel() < self.weight.numel()
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels-last (NHWC) and not also plain NCHW."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
