@@ -1507,8 +1507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true", help="print the planned cases and exit")
     p.add_argument("--load", action="store_true",
                    help="measure loading --ckpt instead: ours (load_model, the scripts' loader) and diffusers' single-file "
-                        "UNet + VAE load, each in a fresh process (imports done before the clock starts): seconds and peak RSS")
+                        "pipeline load (UNet, VAE, text encoder; SD 1 layouts, else UNet + VAE), alternating, each in a "
+                        "fresh process (imports done before the clock starts): seconds and peak RSS")
     p.add_argument("--load-child", dest="load_child", choices=("ours", "diffusers"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-pipeline", dest="load_pipeline", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-case", dest="run_case", type=str, default=None, help=argparse.SUPPRESS)
     p.add_argument("--case-out", dest="case_out", type=str, default=None, help=argparse.SUPPRESS)
     return p
@@ -1522,8 +1524,57 @@ def _proc_status_mb(field: str) -> float:
     return float("nan")
 
 
-def load_child(impl: str, ckpt: str, config: str) -> dict:
-    """One load in this (fresh) process: seconds, peak RSS (VmHWM), the RSS before, and the loaded weights' bytes."""
+def diffusers_pipeline_folder(ckpt: str, config: str, folder: Path) -> bool:
+    """Write, offline, the configuration folder that lets diffusers' `StableDiffusionPipeline.from_single_file` load
+    the whole model of `ckpt` (UNet, VAE and text encoder) without the hub: model_index.json, the UNet and VAE
+    configs from diffusers' own converters, the text encoder's CLIPTextConfig (ours, from the config), the tokenizer
+    (vocab.json / merges.txt from the shipped merges) and a scheduler. False (nothing written) when `config`'s text
+    encoder is not a CLIP text model (SD 2's OpenCLIP, SDXL): the diffusers peer then loads the UNet and VAE only."""
+    import gzip
+
+    import diffusers
+    import torch
+    import yaml
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
+
+    from ldm.checkpoint import read_checkpoint
+    from ldm.modules.encoders.tokenizer import DEFAULT_MERGES_PATH, NUM_MERGES, _Vocab
+    from ldm.util import instantiate_from_config, load_config
+
+    with torch.device("meta"):
+        model = instantiate_from_config(load_config(config).model)
+    text = getattr(getattr(model, "cond_stage_model", None), "transformer", None)
+    text = getattr(text, "text_model", text)
+    if type(text).__name__ not in ("CLIPTextModel", "CLIPTextTransformer") or getattr(model, "conditioner", None) is not None:
+        return False
+    original = yaml.safe_load(Path(config).read_text())
+    state_dict = read_checkpoint(ckpt)[0]
+    for sub, conf in (("unet", create_unet_diffusers_config_from_ldm(original, state_dict)),
+                      ("vae", create_vae_diffusers_config_from_ldm(original, state_dict))):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(conf))
+    text.config.save_pretrained(folder / "text_encoder")
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(_Vocab(DEFAULT_MERGES_PATH).encoder, ensure_ascii=False), encoding="utf-8")
+    with gzip.open(DEFAULT_MERGES_PATH, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : NUM_MERGES + 1]
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, **specials}))
+    diffusers.PNDMScheduler().save_config(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return True
+
+
+def load_child(impl: str, ckpt: str, config: str, pipeline: Optional[str] = None) -> dict:
+    """One load in this (fresh) process: seconds, peak RSS (VmHWM), the RSS before, and the loaded weights' bytes.
+    diffusers: the whole pipeline through `from_single_file` with the offline folder `pipeline`
+    (`diffusers_pipeline_folder`), else its single-file UNet + VAE loads."""
     import torch
 
     if impl == "ours":
@@ -1537,6 +1588,17 @@ def load_child(impl: str, ckpt: str, config: str) -> dict:
         def load() -> list:
             loaded = load_model(Path(ckpt), Path(config), torch.device("cpu"), Dtypes(torch.float32, torch.float32, torch.float32))
             return [loaded.model]
+        what = "full model (UNet, VAE, text encoder)"
+    elif pipeline:
+        import diffusers.loaders.single_file  # noqa: F401
+        import transformers.models.clip.modeling_clip  # noqa: F401
+        from diffusers import StableDiffusionPipeline
+
+        def load() -> list:
+            pipe = StableDiffusionPipeline.from_single_file(ckpt, config=pipeline, original_config=config, local_files_only=True,
+                                                            torch_dtype=torch.float32, safety_checker=None)
+            return [pipe.unet, pipe.vae, pipe.text_encoder]
+        what = "full pipeline (UNet, VAE, text encoder)"
     else:
         import diffusers.loaders.single_file_model  # noqa: F401
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -1544,6 +1606,7 @@ def load_child(impl: str, ckpt: str, config: str) -> dict:
         def load() -> list:
             kw = dict(original_config=config, local_files_only=True, torch_dtype=torch.float32)
             return [UNet2DConditionModel.from_single_file(ckpt, **kw), AutoencoderKL.from_single_file(ckpt, **kw)]
+        what = "UNet + VAE (no offline text encoder config for this model)"
     before = _proc_status_mb("VmRSS")
     start = time.perf_counter()
     models = load()
@@ -1551,8 +1614,7 @@ def load_child(impl: str, ckpt: str, config: str) -> dict:
     weights = sum(t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()]) / 2**20
     peak = _proc_status_mb("VmHWM")
     return {"impl": impl, "load_s": round(seconds, 2), "rss_before_mb": round(before), "peak_rss_mb": round(peak),
-            "weights_mb": round(weights), "peak_over_weights": round(peak / weights, 3),
-            "what": "full model (UNet, VAE, text encoder)" if impl == "ours" else "UNet + VAE (the text encoder needs the hub offline)"}
+            "weights_mb": round(weights, 2), "peak_over_weights": round(peak / weights, 3), "what": what}
 
 
 def run_load_benchmark(args: argparse.Namespace) -> int:
@@ -1562,27 +1624,38 @@ def run_load_benchmark(args: argparse.Namespace) -> int:
         print("error: --load needs --ckpt", file=sys.stderr)
         return 2
     config = args.config or str(V1_CONFIG)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     impls = ["ours"] + ([] if args.no_diffusers else ["diffusers"])
-    for _ in range(max(1, args.repeats)):
-        for impl in impls:
+    pipeline = out / "diffusers-pipeline"
+    if not args.no_diffusers and not diffusers_pipeline_folder(args.ckpt, config, pipeline):
+        pipeline = None
+    for round_ in range(max(1, args.repeats)):
+        for impl in impls if round_ % 2 == 0 else impls[::-1]:
             cmd = [sys.executable, __file__, "--load-child", impl, "--ckpt", args.ckpt, "--config", config]
+            if impl == "diffusers" and pipeline is not None:
+                cmd += ["--load-pipeline", str(pipeline)]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if done.returncode != 0:
                 rows.append({"impl": impl, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
             else:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "load.json").write_text(json.dumps(rows, indent=2))
+    medians = {impl: statistics.median(r["load_s"] for r in rows if r["impl"] == impl and "load_s" in r)
+               for impl in impls if any(r["impl"] == impl and "load_s" in r for r in rows)}
+    if medians:
+        line = ", ".join(f"{impl} {m:.2f} s" for impl, m in medians.items())
+        ratio = f"; ours / diffusers {medians['ours'] / medians['diffusers']:.3f}" if len(medians) == 2 else ""
+        print(f"median load time: {line}{ratio}")
     return 0 if all("error" not in r for r in rows) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.load_child:
-        print(json.dumps(load_child(args.load_child, args.ckpt, args.config)))
+        print(json.dumps(load_child(args.load_child, args.ckpt, args.config, args.load_pipeline)))
         return 0
     if args.load:
         return run_load_benchmark(args)

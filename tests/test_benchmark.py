@@ -184,3 +184,22 @@ def test_lora_cases_merge_kohyas_default_targets_and_restore_the_bits(bench, con
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert rows["lora"]["layers"] == expected_lora
     assert rows["locon"]["layers"] == expected_locon > expected_lora
+
+
+def test_load_benchmark_times_ours_and_diffusers_whole_pipeline_on_the_same_file(bench, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from tests.conftest import TINY_CONFIG, save_tiny
+
+    ckpt = save_tiny(TINY_CONFIG, tmp_path / "tiny.safetensors")
+    out = tmp_path / "load"
+    assert bench.main(["--load", "--ckpt", str(ckpt), "--config", TINY, "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "load.json").read_text())
+    assert [r["impl"] for r in rows] == ["ours", "diffusers", "diffusers", "ours"]  # alternating rounds
+    ours = [r for r in rows if r["impl"] == "ours"]
+    theirs = [r for r in rows if r["impl"] == "diffusers"]
+    # diffusers loads its whole pipeline offline (text encoder included): the same weights as ours (ours also holds
+    # the sampling schedule's buffers, computed from the config).
+    assert all(r["what"] == "full pipeline (UNet, VAE, text encoder)" for r in theirs)
+    assert ours[0]["weights_mb"] == pytest.approx(theirs[0]["weights_mb"], abs=0.06) and ours[0]["weights_mb"] > 1
+    assert all(r["load_s"] > 0 and r["peak_rss_mb"] >= r["rss_before_mb"] > 0 for r in rows)
+    assert "median load time: ours" in capsys.readouterr().out
