@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import numpy as np
 import torch
 
-from microbatch.devices import choose_dtypes, parse_device, reset_peak_memory
+from microbatch.devices import choose_dtypes, keep_freed_cpu_memory, parse_device, reset_peak_memory
 from microbatch.embeddings import (
     EmbeddingFileError, check_prompts_for_broken, embeddings_used, find_embedding_files, sync_embeddings_dir, text_encoder, ti_hashes,
 )
@@ -249,6 +249,7 @@ class Pipeline:
             apply_offload(loaded.model, options.offload, device)
         for text in apply_speedups(loaded.model, options.compile, options.channels_last):
             note(text)
+        keep_freed_cpu_memory()  # opt-in; after the load, whose tensors all stay: for the sampling's temporaries
         logger.info("config: %s (%s); %s on %s", loaded.config_path, loaded.config_reason, dtypes.describe(), device)
         refiner = None
         if options.refiner:

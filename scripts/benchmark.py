@@ -970,13 +970,19 @@ RUNNERS = {"unet": run_unet_case, "generate": run_generate_case, "vae": run_vae_
 def run_case_here(case: Case, ctx: Context) -> list[dict]:
     import torch
 
+    from microbatch.devices import keep_freed_cpu_memory
+
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
+    # The runtime's opt-in malloc setting (MICROBATCH_KEEP_FREED_MEMORY=1), as Pipeline.load makes it; in one
+    # process it holds for diffusers' peer too, so the same-process ratios compare the models, not the allocators.
+    kept = keep_freed_cpu_memory()
     start = time.perf_counter()
     rows = RUNNERS[case.kind](case, ctx)
     for row in rows:
         row["seconds_in_case"] = round(time.perf_counter() - start, 2)
+        row["keep_freed_memory"] = kept
     return rows
 
 

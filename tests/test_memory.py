@@ -135,3 +135,41 @@ def test_default_micro_batch_is_bounded_whatever_n_samples():
     assert default_max_batch_size(cuda, SamplingSettings(height=256, width=256), 9) == 8
     with pytest.raises(ValueError, match="positive"):
         default_max_batch_size(cpu, sd, 0)
+
+
+_BURSTS = """
+import resource, sys, torch
+from microbatch.devices import keep_freed_cpu_memory
+kept = keep_freed_cpu_memory()
+def burst():  # a step's temporaries: 50 blocks of 8 MB, written, then freed
+    blocks = [torch.ones(2 * 2**20) for _ in range(50)]
+    del blocks
+burst(); burst()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+burst()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_cpu_memory_is_reused_without_page_faults():
+    """With glibc's defaults the third burst of 400 MB of temporaries faults its pages in again (the freed heap top
+    beyond the trim threshold went back to the kernel); with `keep_freed_cpu_memory` (opt-in) it reuses them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.script_utils import REPO
+
+    def faults(setting: str) -> tuple[str, int]:
+        env = {**os.environ, "MICROBATCH_KEEP_FREED_MEMORY": setting, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", _BURSTS], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        assert done.returncode == 0, done.stderr
+        kept, count = done.stdout.split()
+        return kept, int(count)
+
+    default, kept = faults(""), faults("1")
+    assert default[0] == "False" and kept[0] == "True"
+    pages = 400 * 2**20 // 4096
+    assert default[1] > pages // 2, default  # every page again (about 102400 of 4 KB)
+    assert kept[1] < pages // 20, kept
