@@ -1536,15 +1536,13 @@ def diffusers_pipeline_folder(ckpt: str, config: str, folder: Path) -> bool:
     configs from diffusers' own converters, the text encoder's CLIPTextConfig (ours, from the config), the tokenizer
     (vocab.json / merges.txt from the shipped merges) and a scheduler. False (nothing written) when `config`'s text
     encoder is not a CLIP text model (SD 2's OpenCLIP, SDXL): the diffusers peer then loads the UNet and VAE only."""
-    import gzip
-
     import diffusers
     import torch
     import yaml
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
 
     from ldm.checkpoint import read_checkpoint
-    from ldm.modules.encoders.tokenizer import DEFAULT_MERGES_PATH, NUM_MERGES, _Vocab
+    from ldm.modules.encoders.tokenizer import DEFAULT_MERGES_PATH, _Vocab
     from ldm.util import instantiate_from_config, load_config
 
     with torch.device("meta"):
@@ -1560,11 +1558,11 @@ def diffusers_pipeline_folder(ckpt: str, config: str, folder: Path) -> bool:
         (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / sub / "config.json").write_text(json.dumps(conf))
     text.config.save_pretrained(folder / "text_encoder")
+    vocab = _Vocab(DEFAULT_MERGES_PATH)  # the shipped merges, read and checked once, in rank order
     (folder / "tokenizer").mkdir(exist_ok=True)
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(_Vocab(DEFAULT_MERGES_PATH).encoder, ensure_ascii=False), encoding="utf-8")
-    with gzip.open(DEFAULT_MERGES_PATH, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : NUM_MERGES + 1]
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab.encoder, ensure_ascii=False), encoding="utf-8")
+    merges = "".join(f"{first} {second}\n" for first, second in vocab.ranks)
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, **specials}))
     diffusers.PNDMScheduler().save_config(folder / "scheduler")
@@ -1649,8 +1647,8 @@ def run_load_benchmark(args: argparse.Namespace) -> int:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     (out / "load.json").write_text(json.dumps(rows, indent=2))
-    medians = {impl: statistics.median(r["load_s"] for r in rows if r["impl"] == impl and "load_s" in r)
-               for impl in impls if any(r["impl"] == impl and "load_s" in r for r in rows)}
+    times = {impl: [r["load_s"] for r in rows if r["impl"] == impl and "load_s" in r] for impl in impls}
+    medians = {impl: statistics.median(t) for impl, t in times.items() if t}
     if medians:
         line = ", ".join(f"{impl} {m:.2f} s" for impl, m in medians.items())
         ratio = f"; ours / diffusers {medians['ours'] / medians['diffusers']:.3f}" if len(medians) == 2 else ""

@@ -3,6 +3,10 @@ at a batch size it was not fitted on, and the choice of micro-batch size."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,14 +155,10 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_freed_cpu_memory_is_reused_without_page_faults():
     """With glibc's defaults the third burst of 400 MB of temporaries faults its pages in again (the freed heap top
     beyond the trim threshold went back to the kernel); with `keep_freed_cpu_memory` (opt-in) it reuses them."""
-    import os
-    import subprocess
-    import sys
-
     from tests.script_utils import REPO
 
     def faults(setting: str) -> tuple[str, int]:
