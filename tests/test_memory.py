@@ -145,20 +145,23 @@ _BURSTS = """
 import resource, sys, torch
 from microbatch.devices import keep_freed_cpu_memory
 kept = keep_freed_cpu_memory()
-def burst():  # a step's temporaries: 50 blocks of 8 MB, written, then freed
-    blocks = [torch.ones(2 * 2**20) for _ in range(50)]
+def burst(count, mb):  # a step's temporaries: blocks written, then freed
+    blocks = [torch.ones(mb * 2**18) for _ in range(count)]
     del blocks
-burst(); burst()
+burst(50, 8); burst(50, 8)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-burst()
+burst(15, 24)
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_freed_cpu_memory_is_reused_without_page_faults():
-    """With glibc's defaults the third burst of 400 MB of temporaries faults its pages in again (the freed heap top
-    beyond the trim threshold went back to the kernel); with `keep_freed_cpu_memory` (opt-in) it reuses them."""
+    """Two bursts of 400 MB of 8 MB temporaries, then one of 360 MB in 24 MB blocks. With glibc's defaults the
+    24 MB blocks are above its mmap threshold (which rose only to the 8 MB blocks' size) and every page faults in
+    fresh; with `keep_freed_cpu_memory` (opt-in: blocks up to 32 MB from the heap, its freed top kept) they reuse
+    the 400 MB freed before. Whether glibc's default gives the freed heap back varies from process to process
+    (measured: 15 of 20 default processes faulted every page, 5 none; with the setting 20 of 20 none)."""
     from tests.script_utils import REPO
 
     def faults(setting: str) -> tuple[str, int]:
@@ -168,8 +171,13 @@ def test_freed_cpu_memory_is_reused_without_page_faults():
         kept, count = done.stdout.split()
         return kept, int(count)
 
-    default, kept = faults(""), faults("1")
-    assert default[0] == "False" and kept[0] == "True"
-    pages = 400 * 2**20 // 4096
-    assert default[1] > pages // 2, default  # every page again (about 102400 of 4 KB)
-    assert kept[1] < pages // 20, kept
+    pages = 360 * 2**20 // 4096
+    kept = faults("1")
+    assert kept[0] == "True" and kept[1] < pages // 20, kept
+    # glibc's default faults them in fresh in about 4 of 5 processes (in the others the 8 MB bursts' freed heap
+    # was not given back and serves the 24 MB blocks): up to 5 tries for one that shows it.
+    defaults = []
+    while len(defaults) < 5 and not any(count > pages // 2 for _, count in defaults):
+        defaults.append(faults(""))
+    assert all(setting == "False" for setting, _ in defaults)
+    assert any(count > pages // 2 for _, count in defaults), defaults  # every page fresh (92160 of 4 KB)
