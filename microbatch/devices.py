@@ -99,12 +99,13 @@ def reset_peak_memory(device: torch.device) -> bool:
     return False
 
 
-def _vm_hwm_mb() -> Optional[float]:
-    """The process's peak resident set since the start or the last reset (Linux), in MB."""
+def proc_status_mb(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status (Linux: "VmRSS", "VmHWM", the peak resident set since the start or the
+    last reset, ...) in MB; None where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -119,7 +120,7 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated(device) / 2**20, "GPU memory allocated"
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20, "MPS driver memory (current)"
-    hwm = _vm_hwm_mb() if sys.platform.startswith("linux") else None
+    hwm = proc_status_mb("VmHWM") if sys.platform.startswith("linux") else None
     if hwm is not None:
         return hwm, "resident memory (RSS)"
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1522,14 +1522,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def diffusers_pipeline_folder(ckpt: str, config: str, folder: Path) -> bool:
     """Write, offline, the configuration folder that lets diffusers' `StableDiffusionPipeline.from_single_file` load
     the whole model of `ckpt` (UNet, VAE and text encoder) without the hub: model_index.json, the UNet and VAE
@@ -1581,6 +1573,8 @@ def load_child(impl: str, ckpt: str, config: str, pipeline: Optional[str] = None
     (`diffusers_pipeline_folder`), else its single-file UNet + VAE loads."""
     import torch
 
+    from microbatch.devices import proc_status_mb
+
     if impl == "ours":
         from microbatch.devices import Dtypes
         from microbatch.loading import load_model
@@ -1611,14 +1605,15 @@ def load_child(impl: str, ckpt: str, config: str, pipeline: Optional[str] = None
             kw = dict(original_config=config, local_files_only=True, torch_dtype=torch.float32)
             return [UNet2DConditionModel.from_single_file(ckpt, **kw), AutoencoderKL.from_single_file(ckpt, **kw)]
         what = "UNet + VAE (no offline text encoder config for this model)"
-    before = _proc_status_mb("VmRSS")
+    before = proc_status_mb("VmRSS")
     start = time.perf_counter()
     models = load()
     seconds = time.perf_counter() - start
     weights = sum(t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()]) / 2**20
-    peak = _proc_status_mb("VmHWM")
-    return {"impl": impl, "load_s": round(seconds, 2), "rss_before_mb": round(before), "peak_rss_mb": round(peak),
-            "weights_mb": round(weights, 2), "peak_over_weights": round(peak / weights, 3), "what": what}
+    peak = proc_status_mb("VmHWM")  # None off Linux: the memory columns stay empty
+    return {"impl": impl, "load_s": round(seconds, 2), "rss_before_mb": before and round(before),
+            "peak_rss_mb": peak and round(peak), "weights_mb": round(weights, 2),
+            "peak_over_weights": peak and round(peak / weights, 3), "what": what}
 
 
 def run_load_benchmark(args: argparse.Namespace) -> int:
