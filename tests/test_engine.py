@@ -134,6 +134,46 @@ def test_rowwise_linear_matches_plain_products_image_by_image():
         assert torch.equal(layer(vectors), torch.cat([layer(vectors[i : i + 1]) for i in range(5)]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_halves_match_the_whole_projection_and_hold_half_the_memory(dtype):
+    """Without gradients GEGLU multiplies by its weight's two halves and works in place: the products are the same
+    bits as the whole projection's halves, the result the same values (the contiguous gate's GELU may differ in
+    the last bit in float32), images stay batch-invariant, and the layer allocates two [.., dim_out] tensors, not
+    four. With gradients, or with a hook on `proj`, it calls `proj` as before."""
+    from ldm.modules.attention import GEGLU
+    from microbatch.memory import PeakMemory
+
+    torch.manual_seed(0)
+    layer = GEGLU(64, 256).to(dtype)
+    x = torch.randn(3, 512, 64, dtype=dtype)
+
+    def whole(inp):
+        a, gate = torch.nn.functional.linear(inp, layer.proj.weight, layer.proj.bias).chunk(2, dim=-1)
+        return a * torch.nn.functional.gelu(gate.contiguous())
+
+    with torch.no_grad():
+        out = layer(x)
+        expected = torch.cat([whole(x[i : i + 1]) for i in range(3)])
+        assert torch.equal(out, expected)  # same products per image, same contiguous GELU
+        strided = torch.cat([layer.proj(x[i : i + 1]).chunk(2, -1)[0] * torch.nn.functional.gelu(layer.proj(x[i : i + 1]).chunk(2, -1)[1]) for i in range(3)])
+        assert torch.allclose(out.float(), strided.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+        for batch in (1, 2):
+            assert torch.equal(layer(x[:batch]), out[:batch])
+        result_bytes = out.numel() * out.element_size()
+        with PeakMemory(CPU) as peak:
+            layer(x)
+        assert peak.transient_bytes <= 2 * result_bytes + 2**16, (peak.transient_bytes, result_bytes)
+
+        handle = layer.proj.register_forward_hook(lambda m, inp, o: o * 0)
+        try:
+            assert torch.equal(layer(x), torch.zeros_like(out))
+        finally:
+            handle.remove()
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.proj.weight.grad is not None
+
+
 def test_every_unet_linear_and_conv_is_batch_invariant():
     from omegaconf import OmegaConf
 

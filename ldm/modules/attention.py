@@ -12,17 +12,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention_backends import AttentionBackend
-from ldm.modules.diffusionmodules.util import conv_nd, linear, zero_module
+from ldm.modules.diffusionmodules.util import conv_nd, linear, rowwise_linear, zero_module
 
 
 class GEGLU(nn.Module):
+    """x -> a * gelu(b), where [a, b] = proj(x), split in halves along the features.
+
+    Without gradients the two halves are two products with the halves of `proj`'s weight, each written once, and
+    the gate's GELU and the product are done in place: the layer holds two [.., dim_out] tensors instead of the
+    projection, the GELU and the result (four), and its GELU reads a contiguous tensor. The products are the same
+    bits as the halves of the whole product; the GELU of a contiguous tensor takes PyTorch's vectorised kernel,
+    which can differ from its kernel for the strided half in the last bit (float32; bf16 gave the same bits).
+    Measured (one layer, 2 threads, median of 8 alternated calls): float32 [2, 4096, 320] 210 -> 170 ms,
+    [2, 1024, 640] 133 -> 104 ms; bf16 [2, 4096, 640] 214 -> 182 ms, half the page faults. With gradients, or
+    with hooks on `proj` (the demo concept trainer's), `proj` is called as a module."""
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        proj = self.proj
+        if torch.is_grad_enabled() or not isinstance(proj, nn.Linear) or proj._forward_hooks or proj._forward_pre_hooks:
+            x, gate = proj(x).chunk(2, dim=-1)
+            return x * F.gelu(gate)
+        half = proj.out_features // 2
+        bias = proj.bias
+        out = rowwise_linear(x, proj.weight[:half], None if bias is None else bias[:half])
+        gate = rowwise_linear(x, proj.weight[half:], None if bias is None else bias[half:])
+        return out.mul_(torch.ops.aten.gelu_(gate))
 
 
 class FeedForward(nn.Module):

@@ -5,10 +5,11 @@ Names follow the original `ldm.modules.diffusionmodules.util` so that third-part
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -284,25 +285,32 @@ class RowwiseLinear(nn.Linear):
     runs (one launch per image would give up what batching gains). Keys are nn.Linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dim() < 2:
-            return super().forward(x)
-        if x.dim() == 2:
-            if x.shape[0] <= 1:
-                return super().forward(x)
-            return torch.cat([super(RowwiseLinear, self).forward(x[i : i + 1]) for i in range(x.shape[0])])
-        if x.device.type != "cpu":
-            return super().forward(x)
-        # One 2-d product per image, a batch of one included (a 3-d input may take another path inside F.linear),
-        # written in place: the same addmm / mm F.linear makes of a 2-d input, without a copy of each result.
-        out = torch.empty((*x.shape[:-1], self.out_features), dtype=x.dtype, device=x.device)
-        weight = self.weight.t()
-        for i in range(x.shape[0]):
-            rows, dest = x[i].reshape(-1, x.shape[-1]), out[i].view(-1, self.out_features)
-            if self.bias is None:
-                torch.mm(rows, weight, out=dest)
-            else:
-                torch.addmm(self.bias, rows, weight, out=dest)
-        return out
+        return rowwise_linear(x, self.weight, self.bias)
+
+
+def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` as `RowwiseLinear` computes it (see there): one product per distinct row or
+    image, without gradients. `weight` may be a slice of a layer's weight (GEGLU's two halves)."""
+    if torch.is_grad_enabled() or x.dim() < 2:
+        return F.linear(x, weight, bias)
+    if x.dim() == 2:
+        if x.shape[0] <= 1:
+            return F.linear(x, weight, bias)
+        return torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(x.shape[0])])
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    # One 2-d product per image, a batch of one included (a 3-d input may take another path inside F.linear),
+    # written in place: the same addmm / mm F.linear makes of a 2-d input, without a copy of each result.
+    out_features = weight.shape[0]
+    out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+    weight_t = weight.t()
+    for i in range(x.shape[0]):
+        rows, dest = x[i].reshape(-1, x.shape[-1]), out[i].view(-1, out_features)
+        if bias is None:
+            torch.mm(rows, weight_t, out=dest)
+        else:
+            torch.addmm(bias, rows, weight_t, out=dest)
+    return out
 
 
 def linear(*args, **kwargs) -> nn.Module:
