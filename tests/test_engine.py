@@ -155,7 +155,8 @@ def test_geglu_halves_match_the_whole_projection_and_hold_half_the_memory(dtype)
         out = layer(x)
         expected = torch.cat([whole(x[i : i + 1]) for i in range(3)])
         assert torch.equal(out, expected)  # same products per image, same contiguous GELU
-        strided = torch.cat([layer.proj(x[i : i + 1]).chunk(2, -1)[0] * torch.nn.functional.gelu(layer.proj(x[i : i + 1]).chunk(2, -1)[1]) for i in range(3)])
+        halves = [layer.proj(x[i : i + 1]).chunk(2, -1) for i in range(3)]  # the old layer: GELU of the strided half
+        strided = torch.cat([a * torch.nn.functional.gelu(gate) for a, gate in halves])
         assert torch.allclose(out.float(), strided.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
         for batch in (1, 2):
             assert torch.equal(layer(x[:batch]), out[:batch])
